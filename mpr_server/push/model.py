@@ -1,0 +1,61 @@
+"""Push value types and the error taxonomy shared by the providers."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PushToken:
+    """A device token as the mediator sends it: ``type`` "fcm" means FCM, anything else APNs."""
+
+    type: str
+    token: str
+
+
+def token_hash(token: str) -> str:
+    """Short, stable, non-reversible label for a device token in logs."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
+
+
+class PushError(Exception):
+    """A push attempt failed."""
+
+
+class TemporaryPushError(PushError):
+    """Worth retrying later: transport error, 5xx, 429. ``retry_after`` in seconds if the provider said."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentPushError(PushError):
+    """Retrying the same request will not help (bad request, auth or configuration problem)."""
+
+
+class InvalidTokenError(PermanentPushError):
+    """The provider says the device token is unknown, expired or malformed."""
+
+
+class CredentialsError(Exception):
+    """A credentials file is missing, unreadable or incomplete."""
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(int(value)))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)

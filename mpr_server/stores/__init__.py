@@ -1,0 +1,1 @@
+"""Message stores: one interface (`base.MessageStore`), an embedded and a distributed implementation."""

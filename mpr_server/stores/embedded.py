@@ -1,0 +1,416 @@
+"""The embedded store: messages in a SQLite file (WAL), live sessions in memory.
+
+All operations run on the reactor thread through one queue; the operations queued during one
+reactor turn share a transaction (group commit), each inside its own savepoint so that one failing
+operation does not undo the others. A call's Deferred fires only after its transaction commits, so
+an acknowledged ``addMessage`` is in the WAL and survives ``kill -9`` of the process (with
+``synchronous=FULL`` it also survives a power loss).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, TypeVar
+
+import orjson
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from mpr_server.model import AddResult, Delivery, NewMessage, QueuedMessage, SocketRef
+from mpr_server.stores.base import Lease, SocketRelease, StoreUnavailable, TakeQuery
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    connection_id TEXT NOT NULL,
+    recipients TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    lease_holder TEXT,
+    lease_until INTEGER
+);
+CREATE INDEX IF NOT EXISTS messages_by_connection ON messages (connection_id, seq);
+CREATE INDEX IF NOT EXISTS messages_by_lease_end ON messages (lease_until);
+CREATE INDEX IF NOT EXISTS messages_by_holder ON messages (lease_holder);
+CREATE TABLE IF NOT EXISTS recipients (
+    connection_id TEXT NOT NULL,
+    did TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (connection_id, did, seq)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS recipients_cleanup AFTER DELETE ON messages BEGIN
+    DELETE FROM recipients WHERE connection_id = OLD.connection_id AND seq = OLD.seq
+        AND did IN (SELECT value FROM json_each(OLD.recipients));
+END;
+"""
+
+PENDING = "(m.lease_until IS NULL OR m.lease_until <= :now)"
+COLUMNS = "m.seq, m.id, m.received_at, m.payload, m.size"
+
+# Rows as selected by COLUMNS / returned by RETURNING: (seq, id, received_at, payload, ...)
+Row = tuple[Any, ...]
+
+
+@dataclass
+class _Session:
+    session_id: str
+    holder: SocketRef
+    away: bool = False
+
+
+def _queued(row: Row) -> QueuedMessage:
+    return QueuedMessage(id=row[1], received_at_ms=row[2], payload=bytes(row[3]))
+
+
+class EmbeddedStore:
+    """Single-process store; see the module docstring."""
+
+    name = "embedded"
+    _log = Logger()
+
+    def __init__(self, data_dir: str, reactor: IReactorTime, synchronous: str = "NORMAL") -> None:
+        self._dir = data_dir
+        self._reactor = reactor
+        self._synchronous = synchronous
+        self._db: sqlite3.Connection | None = None
+        self._lock: IO[bytes] | None = None
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], Deferred[Any]]] = []
+        self._flush_call: IDelayedCall | None = None
+        self._sessions: dict[str, _Session] = {}
+        self._by_holder: defaultdict[SocketRef, set[str]] = defaultdict(set)
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self._dir, "mpr.sqlite3")
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        os.makedirs(self._dir, exist_ok=True)
+        lock = open(os.path.join(self._dir, "mpr.lock"), "wb")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise StoreUnavailable(
+                f"{self._dir} is in use by another MPR process (MPR_DATA_DIR must not be shared)"
+            ) from None
+        self._lock = lock
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
+        db.executescript(SCHEMA)
+        released = db.execute(
+            "UPDATE messages SET lease_holder = NULL, lease_until = NULL WHERE lease_holder IS NOT NULL"
+        ).rowcount
+        self._db = db
+        pending = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        self._log.info(
+            "embedded store {path}: {pending} queued messages, {released} leases released",
+            path=self.path,
+            pending=pending,
+            released=released,
+        )
+
+    async def stop(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+            self._flush()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # -- the operation queue --------------------------------------------------------------------
+
+    def _submit(self, op: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+        if self._db is None:
+            raise StoreUnavailable("embedded store is not open")
+        d: Deferred[T] = Deferred()
+        self._queue.append((op, d))
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        batch, self._queue = self._queue, []
+        db = self._db
+        if not batch:
+            return
+        if db is None:
+            for _, d in batch:
+                d.errback(StoreUnavailable("embedded store is closed"))
+            return
+        outcomes: list[tuple[Deferred[Any], bool, Any]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for op, d in batch:
+                db.execute("SAVEPOINT op")
+                try:
+                    result = op(db)
+                except Exception as e:
+                    db.execute("ROLLBACK TO op")
+                    db.execute("RELEASE op")
+                    outcomes.append((d, False, e))
+                else:
+                    db.execute("RELEASE op")
+                    outcomes.append((d, True, result))
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._log.failure("embedded store transaction failed")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            for _, d in batch:
+                d.errback(StoreUnavailable(f"embedded store failed: {e}"))
+            return
+        for d, ok, value in outcomes:
+            if ok:
+                d.callback(value)
+            elif isinstance(value, sqlite3.Error):
+                d.errback(StoreUnavailable(f"embedded store failed: {value}"))
+            else:
+                d.errback(value)
+
+    # -- helpers run inside operations -----------------------------------------------------------
+
+    def _lease_to(self, db: sqlite3.Connection, rows: Iterable[Row], holder: SocketRef, until_ms: int) -> None:
+        db.executemany(
+            "UPDATE messages SET lease_holder = ?, lease_until = ? WHERE seq = ?",
+            [(holder.key(), until_ms, row[0]) for row in rows],
+        )
+
+    def _redeliver(
+        self, db: sqlite3.Connection, rows: Sequence[Row], lease: Lease, skip: SocketRef | None = None
+    ) -> list[Delivery]:
+        """Re-lease released rows (seq, connection_id, id, received_at, payload) of connections
+        whose live session is present, and describe the deliveries."""
+        by_connection: defaultdict[str, list[Row]] = defaultdict(list)
+        for row in sorted(rows):
+            by_connection[row[1]].append(row)
+        deliveries = []
+        for connection_id, group in by_connection.items():
+            session = self._sessions.get(connection_id)
+            if session is None or session.away or session.holder == skip:
+                continue
+            self._lease_to(db, group, session.holder, lease.until_ms)
+            messages = [QueuedMessage(id=r[2], received_at_ms=r[3], payload=bytes(r[4])) for r in group]
+            deliveries.append(Delivery(session.holder, connection_id, messages))
+        return deliveries
+
+    def _drop_session(self, connection_id: str) -> _Session | None:
+        session = self._sessions.pop(connection_id, None)
+        if session is not None:
+            held = self._by_holder.get(session.holder)
+            if held is not None:
+                held.discard(connection_id)
+                if not held:
+                    del self._by_holder[session.holder]
+        return session
+
+    # -- MessageStore ----------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._submit(lambda db: db.execute("SELECT 1").fetchone())
+
+    async def add(self, message: NewMessage, lease: Lease) -> AddResult:
+        def op(db: sqlite3.Connection) -> AddResult:
+            session = self._sessions.get(message.connection_id)
+            holder = session.holder if session is not None and not session.away else None
+            cursor = db.execute(
+                "INSERT INTO messages (id, connection_id, recipients, payload, size, received_at,"
+                " lease_holder, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message.id,
+                    message.connection_id,
+                    orjson.dumps(message.recipient_dids).decode(),
+                    message.payload,
+                    message.size,
+                    message.received_at_ms,
+                    holder.key() if holder else None,
+                    lease.until_ms if holder else None,
+                ),
+            )
+            seq = cursor.lastrowid
+            db.executemany(
+                "INSERT OR IGNORE INTO recipients (connection_id, did, seq) VALUES (?, ?, ?)",
+                [(message.connection_id, did, seq) for did in message.recipient_dids],
+            )
+            if holder is not None:
+                queued = QueuedMessage(message.id, message.received_at_ms, message.payload)
+                return AddResult(delivery=Delivery(holder, message.connection_id, (queued,)))
+            if session is not None:
+                return AddResult(held_by=session.holder)
+            return AddResult()
+
+        return await self._submit(op)
+
+    def _select_pending(
+        self, db: sqlite3.Connection, connection_id: str, recipient_did: str | None, now_ms: int, limit: int
+    ) -> sqlite3.Cursor:
+        params: dict[str, Any] = {"cid": connection_id, "now": now_ms, "did": recipient_did}
+        if recipient_did is None:
+            sql = f"SELECT {COLUMNS} FROM messages m WHERE m.connection_id = :cid AND {PENDING} ORDER BY m.seq"
+        else:
+            sql = (
+                f"SELECT {COLUMNS} FROM recipients r JOIN messages m ON m.seq = r.seq"
+                f" WHERE r.connection_id = :cid AND r.did = :did AND {PENDING} ORDER BY r.seq"
+            )
+        if limit:
+            sql += " LIMIT :limit"
+            params["limit"] = limit
+        return db.execute(sql, params)
+
+    async def take(self, query: TakeQuery, holder: SocketRef | None, lease: Lease) -> list[QueuedMessage]:
+        def op(db: sqlite3.Connection) -> list[QueuedMessage]:
+            row_limit = query.limit if not query.limit_bytes else 0
+            cursor = self._select_pending(db, query.connection_id, query.recipient_did, lease.now_ms, row_limit)
+            taken: list[Row] = []
+            total = 0
+            for row in cursor:
+                if query.limit_bytes:
+                    size = row[4]
+                    if size > query.limit_bytes:
+                        continue  # never let one oversize message block the queue
+                    if total + size > query.limit_bytes:
+                        break
+                    total += size
+                taken.append(row)
+                if query.limit and len(taken) >= query.limit:
+                    break
+            cursor.close()
+            if query.delete:
+                db.executemany("DELETE FROM messages WHERE seq = ?", [(row[0],) for row in taken])
+            elif holder is not None:
+                self._lease_to(db, taken, holder, lease.until_ms)
+            return [_queued(row) for row in taken]
+
+        return await self._submit(op)
+
+    async def count(self, connection_id: str, recipient_did: str | None, now_ms: int) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            params = {"cid": connection_id, "did": recipient_did, "now": now_ms}
+            if recipient_did is None:
+                sql = f"SELECT COUNT(*) FROM messages m WHERE m.connection_id = :cid AND {PENDING}"
+            else:
+                sql = (
+                    "SELECT COUNT(*) FROM recipients r JOIN messages m ON m.seq = r.seq"
+                    f" WHERE r.connection_id = :cid AND r.did = :did AND {PENDING}"
+                )
+            return int(db.execute(sql, params).fetchone()[0])
+
+        return await self._submit(op)
+
+    async def remove(self, connection_id: str, message_ids: Sequence[str]) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "DELETE FROM messages WHERE id = ? AND connection_id = ?",
+                [(message_id, connection_id) for message_id in message_ids],
+            )
+
+        await self._submit(op)
+
+    async def remove_all(self, connection_id: str, recipient_did: str) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "DELETE FROM messages WHERE seq IN (SELECT seq FROM recipients WHERE connection_id = ? AND did = ?)",
+                (connection_id, recipient_did),
+            )
+
+        await self._submit(op)
+
+    async def add_session(
+        self, connection_id: str, session_id: str, holder: SocketRef, lease: Lease
+    ) -> Delivery | None:
+        def op(db: sqlite3.Connection) -> Delivery | None:
+            self._drop_session(connection_id)
+            self._sessions[connection_id] = _Session(session_id, holder)
+            self._by_holder[holder].add(connection_id)
+            rows = db.execute(
+                "UPDATE messages SET lease_holder = ?, lease_until = ?"
+                " WHERE connection_id = ? AND lease_holder IS NOT NULL RETURNING seq, id, received_at, payload",
+                (holder.key(), lease.until_ms, connection_id),
+            ).fetchall()
+            if not rows:
+                return None
+            return Delivery(holder, connection_id, [_queued(row) for row in sorted(rows)])
+
+        return await self._submit(op)
+
+    async def remove_session(self, connection_id: str, holder: SocketRef, session_id: str | None) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            session = self._sessions.get(connection_id)
+            if session is None:
+                return False
+            if session_id is not None and session.session_id != session_id:
+                return False
+            if session_id is None and session.holder != holder:
+                return False
+            self._drop_session(connection_id)
+            db.execute(
+                "UPDATE messages SET lease_holder = NULL, lease_until = NULL"
+                " WHERE connection_id = ? AND lease_holder = ?",
+                (connection_id, session.holder.key()),
+            )
+            return True
+
+        return await self._submit(op)
+
+    async def has_session(self, connection_id: str) -> bool:
+        return await self._submit(lambda db: connection_id in self._sessions)
+
+    async def release_expired(self, lease: Lease) -> list[Delivery]:
+        def op(db: sqlite3.Connection) -> list[Delivery]:
+            rows = db.execute(
+                "UPDATE messages SET lease_holder = NULL, lease_until = NULL WHERE lease_until <= ?"
+                " RETURNING seq, connection_id, id, received_at, payload",
+                (lease.now_ms,),
+            ).fetchall()
+            return self._redeliver(db, rows, lease)
+
+        return await self._submit(op)
+
+    async def release_socket(self, holder: SocketRef, keep_sessions: bool, lease: Lease) -> SocketRelease:
+        def op(db: sqlite3.Connection) -> SocketRelease:
+            rows = db.execute(
+                "UPDATE messages SET lease_holder = NULL, lease_until = NULL WHERE lease_holder = ?"
+                " RETURNING seq, connection_id, id, received_at, payload",
+                (holder.key(),),
+            ).fetchall()
+            held = sorted(self._by_holder.get(holder, ()))
+            if keep_sessions:
+                for connection_id in held:
+                    self._sessions[connection_id].away = True
+                dropped: list[str] = []
+            else:
+                for connection_id in held:
+                    self._drop_session(connection_id)
+                dropped = held
+            return SocketRelease(dropped, self._redeliver(db, rows, lease, skip=holder))
+
+        return await self._submit(op)
+
+    async def attach_socket(self, holder: SocketRef, lease: Lease) -> list[Delivery]:
+        def op(db: sqlite3.Connection) -> list[Delivery]:
+            deliveries = []
+            for connection_id in sorted(self._by_holder.get(holder, ())):
+                self._sessions[connection_id].away = False
+                rows = self._select_pending(db, connection_id, None, lease.now_ms, 0).fetchall()
+                if rows:
+                    self._lease_to(db, rows, holder, lease.until_ms)
+                    deliveries.append(Delivery(holder, connection_id, [_queued(row) for row in rows]))
+            return deliveries
+
+        return await self._submit(op)

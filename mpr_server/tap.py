@@ -1,0 +1,127 @@
+"""``twistd mpr``: wires the configuration into services. The only place that builds things."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from autobahn import __version__ as autobahn_version
+from autobahn.websocket import USES_NVX
+from twisted.application.service import IService, MultiService
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from mpr_server import __version__
+from mpr_server.config import Config, Options
+from mpr_server.http import make_site
+from mpr_server.metrics import Metrics
+from mpr_server.protocol import MediatorFactory
+from mpr_server.rpc import Dispatcher, RpcLimits
+from mpr_server.service import DomainSettings, PickupService
+from mpr_server.stores.base import MessageStore
+from mpr_server.stores.embedded import EmbeddedStore
+
+__all__ = ["Options", "makeService"]
+
+
+def build_store(config: Config, reactor: Any) -> MessageStore:
+    if config.store == "embedded":
+        return EmbeddedStore(config.data_dir, reactor, config.sqlite_synchronous)
+    raise SystemExit("MPR_STORE=redis: the Redis + MongoDB store is not available in this version")
+
+
+class MprService(MultiService):
+    """Starts the store, then the domain, then the listeners; stops them in the reverse order,
+    closing mediator sockets with 1001 so that they reconnect elsewhere."""
+
+    _log = Logger()
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.metrics = Metrics()
+        self.store = build_store(config, reactor)
+        self.pickup = PickupService(
+            self.store,
+            reactor,
+            DomainSettings(
+                instance_id=config.instance_id,
+                lease_ms=config.message_lease_ms,
+                session_grace_ms=config.session_grace_ms,
+            ),
+        )
+        limits = RpcLimits(max_message_bytes=config.max_message_bytes, call_timeout_s=config.call_timeout_ms / 1000)
+        self.dispatcher = Dispatcher(self.pickup, reactor, limits)
+        self.factory = MediatorFactory(self.pickup, self.dispatcher, reactor, config.max_frame_bytes)
+        self.metrics.gauge("mpr_open_sockets", lambda: len(self.factory.sockets), "open mediator sockets")
+        self.site = make_site(self.store, reactor, self._info, self.metrics.render)
+        self._ports: list[IListeningPort] = []
+        self.ready: Deferred[None] = Deferred()
+
+    def _info(self) -> dict[str, Any]:
+        return {"version": __version__, "store": self.store.name, "instance": self.config.instance_id}
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._start())
+        d.addErrback(self._start_failed)
+
+    async def _start(self) -> None:
+        await self.store.start()
+        self.pickup.startService()
+        ws = await endpoints.serverFromString(self.reactor, self.config.ws_endpoint).listen(self.factory)
+        self._ports.append(ws)
+        http = await endpoints.serverFromString(self.reactor, self.config.app_endpoint).listen(self.site)
+        self._ports.append(http)
+        self._log.info(
+            "mpr-server {version} serving: store={store} websocket={ws} http={http} instance={instance}"
+            " (autobahn {autobahn} nvx={nvx})",
+            version=__version__,
+            store=self.store.name
+            if self.store.name != "embedded"
+            else f"embedded:{os.path.abspath(self.config.data_dir)}",
+            ws=_address(ws),
+            http=_address(http),
+            instance=self.config.instance_id,
+            autobahn=autobahn_version,
+            nvx=USES_NVX,
+        )
+        self.ready.callback(None)
+
+    def _start_failed(self, failure: Any) -> None:
+        self._log.critical("mpr-server could not start: {error}", error=failure.getErrorMessage())
+        self._log.failure("start-up failure", failure)
+        # twistd has no exit status for a failed start: leave with 1 once the reactor has stopped.
+        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self.reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        for port in self._ports:
+            stopping = port.stopListening()
+            if stopping is not None:
+                await stopping
+        self._ports.clear()
+        await self.factory.close_all(3.0, self.reactor)
+        if self.pickup.running:
+            self.pickup.stopService()
+        await self.store.stop()
+        stopped = super().stopService()
+        if stopped is not None:
+            await stopped
+
+
+def _address(port: IListeningPort) -> str:
+    host = port.getHost()
+    return f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}" if hasattr(host, "port") else str(host)
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    return MprService(options.config, reactor)
