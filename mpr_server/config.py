@@ -32,7 +32,10 @@ def parse_bool(value: str) -> bool:
 
 
 def parse_port(value: str) -> int:
-    port = int(value)
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
     if not 0 <= port <= 65535:
         raise ValueError("accepted values: a TCP port number 0-65535")
     return port

@@ -1,0 +1,75 @@
+"""Configuration: original variable names and defaults, options mirroring them, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.python import usage
+
+from mpr_server.config import SETTINGS, ConfigError, Options, load
+
+
+def test_defaults_are_the_originals_and_the_embedded_store() -> None:
+    config = load({}, {})
+    assert config.ws_endpoint == "tcp:3100"
+    assert config.app_endpoint == "tcp:3500"
+    assert config.store == "embedded"
+    assert config.message_lease_ms == 60_000
+    assert config.max_message_bytes == 10 * 1024 * 1024
+    assert config.max_frame_bytes == 100 * 1024 * 1024
+    assert config.threshold_timestamp == 60_000
+    assert config.push.notification_data_only is False
+    assert config.push.push_throttle_ms == 5000
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{"REDIS_URL": "redis://r:6379"}, {"MONGODB_URI": "mongodb://m/db"}, {"MPR_STORE": "redis"}],
+)
+def test_distributed_store_is_chosen_by_its_settings(environ: dict[str, str]) -> None:
+    assert load({}, environ).store == "redis"
+
+
+def test_cluster_needs_nodes() -> None:
+    with pytest.raises(ConfigError, match="REDIS_NODES"):
+        load({}, {"REDIS_TYPE": "cluster"})
+    assert load({}, {"REDIS_TYPE": "cluster", "REDIS_NODES": "a:1,b:2"}).store == "redis"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("true", True), ("FALSE", False), ("1", True), ("0", False), ("yes", True), ("no", False)]
+)
+def test_booleans_mean_what_they_say(value: str, expected: bool) -> None:
+    assert load({}, {"NOTIFICATION_DATA_ONLY": value}).push.notification_data_only is expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "accepted"),
+    [
+        ("WS_PORT", "http", "TCP port"),
+        ("APP_PORT", "70000", "TCP port"),
+        ("NOTIFICATION_DATA_ONLY", "maybe", "true/false"),
+        ("MPR_STORE", "postgres", "embedded, redis"),
+        ("REDIS_TYPE", "sentinel", "single, cluster"),
+        ("MESSAGE_LEASE_MS", "-5", "integer"),
+        ("THRESHOLD_TIMESTAMP", "soon", "integer"),
+    ],
+)
+def test_bad_values_name_the_variable_and_the_accepted_values(name: str, value: str, accepted: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({}, {name: value})
+    assert name in str(info.value) and accepted in str(info.value)
+
+
+def test_options_override_the_environment_and_every_variable_has_an_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WS_PORT", "4000")
+    options = Options()
+    options.parseOptions(["--app-port", "4100"])
+    assert options.config.ws_endpoint == "tcp:4000"
+    assert options.config.app_endpoint == "tcp:4100"
+    flags = {p[0] for p in Options.optParameters}
+    assert flags == {s.env.lower().replace("_", "-") for s in SETTINGS}
+
+
+def test_bad_option_is_a_usage_error_naming_the_variable() -> None:
+    with pytest.raises(usage.UsageError, match="WS_PORT"):
+        Options().parseOptions(["--ws-port", "x"])
