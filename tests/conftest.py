@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["tests.services"]
+
 
 @pytest.fixture
 def reactor() -> Any:

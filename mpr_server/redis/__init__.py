@@ -1,0 +1,41 @@
+"""A typed Redis façade (single server and Redis Cluster) over txredisapi.
+
+Nothing outside this package imports txredisapi: the stores use `RedisClient`.
+"""
+
+from .client import (
+    MessageCallback,
+    ReconnectCallback,
+    RedisClient,
+    SingleRedisClient,
+    Subscription,
+    TLSOptions,
+    client_from_settings,
+)
+from .cluster import ClusterRedisClient
+from .errors import RedisError, RedisNotConnected, RedisResponseError, RedisUnavailable
+from .script import Script
+from .slots import key_slot
+from .url import Address, RedisURL, parse_natmap, parse_nodes, parse_redis_url
+
+__all__ = [
+    "Address",
+    "ClusterRedisClient",
+    "MessageCallback",
+    "ReconnectCallback",
+    "RedisClient",
+    "RedisError",
+    "RedisNotConnected",
+    "RedisResponseError",
+    "RedisURL",
+    "RedisUnavailable",
+    "Script",
+    "SingleRedisClient",
+    "Subscription",
+    "TLSOptions",
+    "client_from_settings",
+    "key_slot",
+    "parse_natmap",
+    "parse_nodes",
+    "parse_redis_url",
+]

@@ -1,0 +1,415 @@
+"""Connections to one Redis node, built on txredisapi (internal to mpr_server.redis).
+
+`NodePool` is a lazily connecting, self-reconnecting txredisapi connection pool
+whose calls raise our exceptions. `PubSubConnection` is a self-reconnecting
+subscriber connection with (sharded) pub/sub, which txredisapi lacks, that
+resubscribes after every reconnect.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import txredisapi
+from twisted.application.internet import ClientService
+from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS, platformTrust
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .errors import RedisNotConnected, RedisResponseError, RedisUnavailable
+from .url import Address
+
+Arg = str | bytes | int | float
+
+
+@dataclass(frozen=True)
+class TLSOptions:
+    """Verified TLS: the server certificate must chain to ``trust_root`` (default: the
+    platform's CA store) and match the host name we connect to."""
+
+    trust_root: Any = None  # IOpenSSLTrustRoot, e.g. ssl.Certificate.loadPEM(...)
+    client_certificate: Any = None  # ssl.PrivateCertificate for mutual TLS
+
+    def connection_creator(self, host: str) -> Any:
+        return optionsForClientTLS(
+            host,
+            trustRoot=self.trust_root if self.trust_root is not None else platformTrust(),
+            clientCertificate=self.client_certificate,
+        )
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """How to connect to every node (the same for all nodes of a cluster)."""
+
+    password: str | None = field(default=None, repr=False)
+    username: str | None = None
+    db: int = 0
+    tls: TLSOptions | None = None
+    pool_size: int = 4
+    connect_timeout: float = 5.0
+    reconnect_max_delay: float = 2.0
+    decode_responses: bool = True
+    ping_interval: float | None = 15.0
+
+
+def make_endpoint(reactor: Any, address: Address, settings: ConnectionSettings) -> IStreamClientEndpoint:
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(
+        reactor, address.host, address.port, timeout=settings.connect_timeout
+    )
+    if settings.tls is not None:
+        endpoint = wrapClientTLS(settings.tls.connection_creator(address.host), endpoint)
+    return endpoint
+
+
+def to_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def convert_reply(reply: Any) -> Any:
+    """Replace txredisapi's error objects nested in a reply (EXEC, Lua tables) with ours."""
+    if isinstance(reply, list):
+        return [convert_reply(item) for item in reply]
+    if isinstance(reply, txredisapi.ResponseError):
+        return RedisResponseError(str(reply))
+    return reply
+
+
+def _command_name(args: Sequence[Arg]) -> str:
+    return to_text(args[0]).upper() if args else "?"
+
+
+class NodePool:
+    """A pool of connections to one node; connects lazily and reconnects by itself."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: IReactorTCP, address: Address, settings: ConnectionSettings) -> None:
+        self.address = address
+        factory = txredisapi.RedisFactory(
+            str(address),
+            settings.db or None,
+            settings.pool_size,
+            isLazy=True,
+            charset="utf-8" if settings.decode_responses else None,
+            password=settings.password,
+            replyTimeout=None,
+            convertNumbers=False,
+            username=settings.username,
+        )
+        factory.initialDelay = 0.1
+        factory.factor = 2.0
+        factory.maxDelay = settings.reconnect_max_delay  # type: ignore[assignment]
+        # a lazy pool reports a failed AUTH/SELECT here, and only here
+        factory.deferred.addErrback(self._connect_failed)
+        factory.startConnecting(make_endpoint(reactor, address, settings))
+        self._factory = factory
+        self._had_connection = False
+        self._last_connection: Any = None
+        self._closed = False
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._log.error(
+            "Redis {address}: {error}; not retrying", address=str(self.address), error=failure.getErrorMessage()
+        )
+
+    @property
+    def connected(self) -> bool:
+        # a new connection is handed to waiters before the pool counts it
+        last = self._last_connection
+        return bool(self._factory.size) or (last is not None and bool(last.connected))
+
+    async def wait_connected(self) -> None:
+        """Wait until the pool has a live connection (no timeout: wrap it)."""
+        try:
+            self._last_connection = await self._factory.getConnection(peek=True)
+        except txredisapi.ConnectionError as e:
+            raise RedisNotConnected(f"Redis {self.address}: {e}") from None
+        self._had_connection = True
+
+    async def execute(self, args: Sequence[Arg], *, asking: bool = False) -> Any:
+        """Send one command (after ASKING on the same connection if asked to).
+
+        Raises RedisNotConnected without sending when a pool that was connected has
+        lost every connection (fail fast while the node is down), RedisUnavailable
+        when the connection is lost with the command in flight, RedisResponseError
+        for error replies. No timeout here: callers put one on the whole call.
+        """
+        if self._closed:
+            raise RedisNotConnected(f"Redis client for {self.address} is closed")
+        if self._had_connection and not self.connected:
+            raise RedisNotConnected(f"no connection to Redis at {self.address}")
+        try:
+            conn = await self._factory.getConnection(peek=True)
+        except txredisapi.ConnectionError as e:
+            raise RedisNotConnected(f"Redis {self.address}: {e}") from None
+        self._had_connection = True
+        self._last_connection = conn
+        try:
+            if asking:
+                # written back to back with the command: same connection, in order
+                conn.execute_command("ASKING").addErrback(lambda _: None)
+            reply = conn.execute_command(*args)
+        except txredisapi.ConnectionError as e:
+            raise RedisNotConnected(f"Redis {self.address}: {e}") from None
+        except txredisapi.InvalidData as e:
+            raise ValueError(f"cannot encode {_command_name(args)} arguments: {e}") from None
+        try:
+            return convert_reply(await reply)
+        except txredisapi.ResponseError as e:
+            raise RedisResponseError(str(e)) from None
+        except txredisapi.ConnectionError as e:
+            raise RedisUnavailable(f"Redis {self.address} during {_command_name(args)}: {e}") from None
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._factory.disconnect()
+
+
+# ---------------------------------------------------------------------------
+# pub/sub
+
+
+class _PubSubProtocol(txredisapi.RedisProtocol):
+    """txredisapi's parser with pub/sub push handling: messages go to the owner,
+    command replies (one per command: we (un)subscribe one channel at a time) go to
+    the reply queue, and an sunsubscribe nobody asked for (the slot moved away)
+    is reported to the owner."""
+
+    def __init__(self, owner: PubSubConnection, charset: str | None) -> None:
+        super().__init__(charset, convertNumbers=False)
+        self.owner = owner
+        self.pending_unsubscribes: Counter[tuple[str, str]] = Counter()
+
+    def replyReceived(self, reply: Any) -> None:
+        if isinstance(reply, list) and len(reply) == 3:
+            kind = to_text(reply[0]).lower()
+            if kind in ("message", "smessage"):
+                self.owner.message_received(to_text(reply[1]), kind == "smessage", reply[2])
+                return
+            if kind in ("unsubscribe", "sunsubscribe"):
+                key = (kind, to_text(reply[1]))
+                if self.pending_unsubscribes[key] > 0:
+                    self.pending_unsubscribes[key] -= 1
+                else:
+                    if kind == "sunsubscribe":
+                        self.owner.server_unsubscribed(key[1])
+                    return
+        self.replyQueue.put(reply)
+
+    def connectionLost(self, why: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(why)
+        self.owner.connection_lost(self)
+
+    def send(self, *args: Arg) -> Deferred[Any]:
+        return cast("Deferred[Any]", self.execute_command(*args))
+
+
+class _PubSubFactory(Factory):
+    noisy = False
+
+    def __init__(self, owner: PubSubConnection, charset: str | None) -> None:
+        self.owner = owner
+        self.charset = charset
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        proto = _PubSubProtocol(self.owner, self.charset)
+        proto.factory = self
+        return cast(Protocol, proto)
+
+
+Channel = tuple[str, bool]  # (name, sharded)
+
+
+class PubSubConnection:
+    """One subscriber connection to one node that reconnects by itself, re-subscribes
+    its channels and then reports `on_reconnected(self, channels)` so callers can
+    re-read what they may have missed."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        address: Address,
+        settings: ConnectionSettings,
+        *,
+        on_message: Callable[[str, bool, Any], None],
+        on_reconnected: Callable[[PubSubConnection, list[Channel]], None],
+        on_lost: Callable[[PubSubConnection], None],
+        on_channel_lost: Callable[[PubSubConnection, str, bool], None],
+    ) -> None:
+        self.address = address
+        self.channels: set[Channel] = set()
+        self._reactor = reactor
+        self._settings = settings
+        self._on_message = on_message
+        self._on_reconnected = on_reconnected
+        self._on_lost = on_lost
+        self._on_channel_lost = on_channel_lost
+        self._proto: _PubSubProtocol | None = None
+        self._connected_before = False
+        self._running = False
+        self._service = ClientService(
+            make_endpoint(reactor, address, settings),
+            _PubSubFactory(self, "utf-8" if settings.decode_responses else None),
+            retryPolicy=self._retry_delay,
+            clock=reactor,
+            prepareConnection=self._prepare,
+        )
+        self._pinger: LoopingCall | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._proto is not None
+
+    def _retry_delay(self, attempt: int) -> float:
+        delay = min(self._settings.reconnect_max_delay, 0.05 * 2 ** min(attempt, 16))
+        return delay * random.uniform(0.8, 1.2)
+
+    def _start(self) -> None:
+        if not self._running:
+            self._running = True
+            self._service.startService()
+            if self._settings.ping_interval:
+                self._pinger = LoopingCall(self._ping)
+                self._pinger.clock = self._reactor
+                self._pinger.start(self._settings.ping_interval, now=False)
+
+    # -- called by the protocol
+
+    def message_received(self, channel: str, sharded: bool, message: Any) -> None:
+        if (channel, sharded) in self.channels:
+            self._on_message(channel, sharded, message)
+
+    def server_unsubscribed(self, channel: str) -> None:
+        if (channel, True) in self.channels:
+            self.channels.discard((channel, True))
+            self._on_channel_lost(self, channel, True)
+
+    def connection_lost(self, proto: _PubSubProtocol) -> None:
+        if self._proto is proto:
+            self._proto = None
+            if self._running:
+                self._log.info("Redis pub/sub connection to {address} lost", address=str(self.address))
+                self._on_lost(self)
+
+    # -- connection set-up
+
+    def _prepare(self, proto: object) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._handshake(cast(_PubSubProtocol, proto)))
+        d.addTimeout(self._settings.connect_timeout, self._reactor)
+        return d
+
+    async def _handshake(self, proto: _PubSubProtocol) -> None:
+        if self._settings.password is not None:
+            auth: list[Arg] = ["AUTH", self._settings.password]
+            if self._settings.username:
+                auth.insert(1, self._settings.username)
+            await proto.send(*auth)
+        for channel, sharded in list(self.channels):
+            try:
+                await self._send_subscribe(proto, channel, sharded)
+            except RedisResponseError as e:
+                # e.g. MOVED: the slot is elsewhere now; the owner re-homes it
+                self._log.info(
+                    "Resubscribing {channel} at {address} failed: {error}",
+                    channel=channel,
+                    address=str(self.address),
+                    error=e.message,
+                )
+                self.channels.discard((channel, sharded))
+                self._on_channel_lost(self, channel, sharded)
+        self._proto = proto
+        if self._connected_before:
+            self._log.info("Redis pub/sub connection to {address} re-established", address=str(self.address))
+            self._on_reconnected(self, sorted(self.channels))
+        self._connected_before = True
+
+    async def _send_subscribe(self, proto: _PubSubProtocol, channel: str, sharded: bool) -> None:
+        try:
+            await proto.send("SSUBSCRIBE" if sharded else "SUBSCRIBE", channel)
+        except txredisapi.ResponseError as e:
+            raise RedisResponseError(str(e)) from None
+        except txredisapi.ConnectionError as e:
+            raise RedisUnavailable(f"Redis {self.address}: {e}") from None
+
+    def _ping(self) -> None:
+        proto = self._proto
+        if proto is None:
+            return
+
+        def failed(failure: Failure) -> None:
+            if self._proto is proto and proto.transport is not None:
+                self._log.warn(
+                    "Redis pub/sub connection to {address} does not answer PING: dropping it", address=str(self.address)
+                )
+                cast(Any, proto.transport).abortConnection()
+
+        try:
+            d = proto.send("PING")
+        except txredisapi.ConnectionError:
+            return
+        d.addTimeout(self._settings.connect_timeout, self._reactor)
+        d.addErrback(failed)
+
+    # -- API for the client
+
+    async def subscribe(self, channel: str, sharded: bool) -> None:
+        """Subscribe (no timeout here: callers wrap the call). On failure the channel
+        is not kept."""
+        self.channels.add((channel, sharded))
+        self._start()
+        try:
+            proto = cast(_PubSubProtocol, await self._service.whenConnected())
+            # the handshake may have subscribed it already: a second SUBSCRIBE is harmless
+            await self._send_subscribe(proto, channel, sharded)
+        except BaseException:
+            self.channels.discard((channel, sharded))
+            raise
+
+    async def unsubscribe(self, channel: str, sharded: bool) -> None:
+        """Forget the channel and tell the server if connected (best effort)."""
+        self.channels.discard((channel, sharded))
+        proto = self._proto
+        if proto is None:
+            return
+        kind = "sunsubscribe" if sharded else "unsubscribe"
+        proto.pending_unsubscribes[(kind, channel)] += 1
+        try:
+            await proto.send(kind.upper(), channel)
+        except (txredisapi.ResponseError, txredisapi.ConnectionError):
+            pass
+
+    def forget(self, channel: str, sharded: bool) -> None:
+        """Drop a channel without telling the server (it has already dropped it)."""
+        self.channels.discard((channel, sharded))
+
+    async def close(self) -> None:
+        self._running = False
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        self._proto = None
+        await self._service.stopService()
+
+
+async def with_timeout(reactor: IReactorTime, coro: Any, timeout: float, what: str) -> Any:
+    """Await a coroutine, cancelling it and raising RedisUnavailable after `timeout` s."""
+    d: Deferred[Any] = Deferred.fromCoroutine(coro)
+    d.addTimeout(timeout, reactor)
+    try:
+        return await d
+    except DeferredTimeoutError:
+        raise RedisUnavailable(f"no answer from Redis within {timeout:g} s ({what})") from None

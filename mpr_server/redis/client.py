@@ -1,0 +1,361 @@
+"""The typed Redis client the stores use: one interface, a single-server and a
+cluster implementation (see cluster.py). txredisapi stays behind it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ._node import Arg, Channel, ConnectionSettings, NodePool, PubSubConnection, TLSOptions, with_timeout
+from .errors import RedisResponseError
+from .script import Script
+from .url import Address, RedisURL, parse_redis_url
+
+__all__ = [
+    "Arg",
+    "MessageCallback",
+    "ReconnectCallback",
+    "RedisClient",
+    "SingleRedisClient",
+    "Subscription",
+    "TLSOptions",
+]
+
+#: called with (channel, message) for every message on a subscribed channel
+MessageCallback = Callable[[str, Any], object]
+#: called after a lost subscription is back: messages may have been missed
+ReconnectCallback = Callable[[], object]
+
+
+class Subscription:
+    """A live subscription; `unsubscribe()` ends it."""
+
+    def __init__(
+        self,
+        client: _ClientBase,
+        channel: str,
+        sharded: bool,
+        callback: MessageCallback,
+        on_reconnect: ReconnectCallback | None,
+    ) -> None:
+        self.channel = channel
+        self.sharded = sharded
+        self._client = client
+        self.callback = callback
+        self.on_reconnect = on_reconnect
+        self.active = True
+
+    async def unsubscribe(self, *, timeout: float | None = None) -> None:
+        if self.active:
+            self.active = False
+            await self._client._unsubscribe(self, timeout)
+
+
+class RedisClient(Protocol):
+    """What the Redis store needs from Redis (single server or cluster).
+
+    Every call has a timeout (the client's default unless given) and raises
+    RedisUnavailable when Redis does not answer in time or the connection is lost,
+    RedisResponseError for error replies. Replies are txredisapi's RESP values with
+    numbers left alone: bulk strings are str when valid UTF-8 (bytes otherwise)
+    with ``decode_responses=True`` (the default), always bytes with False.
+    """
+
+    async def execute(
+        self, args: Sequence[Arg], *, key: str | bytes | None = None, timeout: float | None = None
+    ) -> Any:
+        """Run one command. In a cluster it goes to the node owning `key`'s slot
+        (any node when key is None); pass the command's (first) key."""
+
+    async def eval_script(
+        self,
+        script: Script,
+        keys: Sequence[str | bytes],
+        args: Sequence[Arg] = (),
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """EVALSHA, falling back to EVAL when the node does not know the script
+        (NOSCRIPT); routed by keys[0]. Keys must share a slot in a cluster."""
+
+    async def publish(self, channel: str, message: Arg, *, sharded: bool = False, timeout: float | None = None) -> int:
+        """PUBLISH, or SPUBLISH routed by the channel's slot when sharded (a single
+        server uses PUBLISH for both). Returns the receivers counted by the node."""
+
+    async def subscribe(
+        self,
+        channel: str,
+        callback: MessageCallback,
+        *,
+        sharded: bool = False,
+        on_reconnect: ReconnectCallback | None = None,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """Subscribe; returns once the server confirmed. The subscription survives
+        reconnects (re-subscribed automatically) and slot moves (sharded); after each
+        such gap `on_reconnect()` is called: messages sent meanwhile are lost."""
+
+    async def execute_on_all_nodes(self, args: Sequence[Arg], *, timeout: float | None = None) -> dict[str, Any]:
+        """Run a command on the server (single) or on every master (cluster);
+        returns replies by node address ``host:port``."""
+
+    async def get_config(self, name: str, *, timeout: float | None = None) -> dict[str, str | None]:
+        """CONFIG GET `name` on every master: {node address: value or None}."""
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until Redis is reachable (the cluster map is loaded)."""
+
+    async def close(self) -> None:
+        """Close every connection; the client is unusable afterwards."""
+
+
+class _ClientBase:
+    """Timeouts, scripts, config and subscription bookkeeping shared by both clients."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, settings: ConnectionSettings, timeout: float) -> None:
+        self._reactor = reactor
+        self._settings = settings
+        self.timeout = timeout
+        self._subscriptions: dict[Channel, list[Subscription]] = {}
+        self._closed = False
+
+    # -- to implement
+
+    async def _execute(self, args: Sequence[Arg], key: str | bytes | None) -> Any:
+        raise NotImplementedError
+
+    async def _execute_all(self, args: Sequence[Arg]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _pubsub_subscribe(self, channel: str, sharded: bool) -> None:
+        raise NotImplementedError
+
+    async def _pubsub_unsubscribe(self, channel: str, sharded: bool) -> None:
+        raise NotImplementedError
+
+    def _wire_sharded(self, sharded: bool) -> bool:
+        return sharded
+
+    # -- helpers
+
+    async def _timed(self, coro: Coroutine[Any, Any, Any], timeout: float | None, what: str) -> Any:
+        return await with_timeout(self._reactor, coro, self.timeout if timeout is None else timeout, what)
+
+    async def _eval(self, script: Script, keys: Sequence[str | bytes], args: Sequence[Arg]) -> Any:
+        key = keys[0] if keys else None
+        tail: list[Arg] = [len(keys), *keys, *args]
+        try:
+            return await self._execute(["EVALSHA", script.sha1, *tail], key)
+        except RedisResponseError as e:
+            if e.code != "NOSCRIPT":
+                raise
+        # EVAL also caches the script on that node for the next EVALSHA
+        return await self._execute(["EVAL", script.source, *tail], key)
+
+    # -- public API
+
+    async def execute(
+        self, args: Sequence[Arg], *, key: str | bytes | None = None, timeout: float | None = None
+    ) -> Any:
+        return await self._timed(self._execute(args, key), timeout, _name(args))
+
+    async def eval_script(
+        self,
+        script: Script,
+        keys: Sequence[str | bytes],
+        args: Sequence[Arg] = (),
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        return await self._timed(self._eval(script, keys, args), timeout, "EVALSHA")
+
+    async def publish(self, channel: str, message: Arg, *, sharded: bool = False, timeout: float | None = None) -> int:
+        if self._wire_sharded(sharded):
+            coro = self._execute(["SPUBLISH", channel, message], channel)
+        else:
+            coro = self._execute(["PUBLISH", channel, message], None)
+        return int(await self._timed(coro, timeout, "PUBLISH"))
+
+    async def execute_on_all_nodes(self, args: Sequence[Arg], *, timeout: float | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await self._timed(self._execute_all(args), timeout, _name(args))
+        return result
+
+    async def get_config(self, name: str, *, timeout: float | None = None) -> dict[str, str | None]:
+        replies = await self.execute_on_all_nodes(["CONFIG", "GET", name], timeout=timeout)
+        result: dict[str, str | None] = {}
+        for node, reply in replies.items():
+            value = None
+            if isinstance(reply, dict):  # RESP3 map (not used today)
+                reply = [item for pair in reply.items() for item in pair]
+            if isinstance(reply, list):
+                pairs = dict(zip(reply[::2], reply[1::2], strict=False))
+                raw = pairs.get(name, pairs.get(name.encode()))
+                value = raw.decode() if isinstance(raw, bytes) else raw
+            result[node] = value
+        return result
+
+    async def subscribe(
+        self,
+        channel: str,
+        callback: MessageCallback,
+        *,
+        sharded: bool = False,
+        on_reconnect: ReconnectCallback | None = None,
+        timeout: float | None = None,
+    ) -> Subscription:
+        wire = (channel, self._wire_sharded(sharded))
+        sub = Subscription(self, channel, wire[1], callback, on_reconnect)
+        subs = self._subscriptions.setdefault(wire, [])
+        subs.append(sub)
+        if len(subs) == 1:
+            try:
+                await self._timed(self._pubsub_subscribe(*wire), timeout, "SUBSCRIBE")
+            except BaseException:
+                sub.active = False
+                subs.remove(sub)
+                if not subs:
+                    del self._subscriptions[wire]
+                raise
+        return sub
+
+    async def _unsubscribe(self, sub: Subscription, timeout: float | None) -> None:
+        wire = (sub.channel, sub.sharded)
+        subs = self._subscriptions.get(wire, [])
+        if sub in subs:
+            subs.remove(sub)
+        if not subs:
+            self._subscriptions.pop(wire, None)
+            await self._timed(self._pubsub_unsubscribe(*wire), timeout, "UNSUBSCRIBE")
+
+    # -- called by pub/sub connections
+
+    def _message(self, channel: str, sharded: bool, message: Any) -> None:
+        for sub in list(self._subscriptions.get((channel, sharded), ())):
+            try:
+                sub.callback(channel, message)
+            except Exception:
+                self._log.failure("Subscriber callback for {channel} failed", channel=channel)
+
+    def _reconnected(self, channels: Sequence[Channel]) -> None:
+        for wire in channels:
+            for sub in list(self._subscriptions.get(wire, ())):
+                if sub.on_reconnect is not None:
+                    try:
+                        sub.on_reconnect()
+                    except Exception:
+                        self._log.failure("on_reconnect hook for {channel} failed", channel=wire[0])
+
+    def _new_pubsub(self, address: Address) -> PubSubConnection:
+        return PubSubConnection(
+            self._reactor,
+            address,
+            self._settings,
+            on_message=self._message,
+            on_reconnected=lambda conn, channels: self._reconnected(channels),
+            on_lost=self._pubsub_lost,
+            on_channel_lost=self._pubsub_channel_lost,
+        )
+
+    def _pubsub_lost(self, conn: PubSubConnection) -> None:
+        """A pub/sub connection dropped (it reconnects by itself)."""
+
+    def _pubsub_channel_lost(self, conn: PubSubConnection, channel: str, sharded: bool) -> None:
+        """The server dropped a subscription (slot moved)."""
+
+
+def _name(args: Sequence[Arg]) -> str:
+    first = args[0] if args else "?"
+    return (first.decode("utf-8", "replace") if isinstance(first, bytes) else str(first)).upper()
+
+
+class SingleRedisClient(_ClientBase):
+    """A client for one Redis server (REDIS_URL): a lazy txredisapi pool plus one
+    pub/sub connection opened on the first subscribe. Sharded pub/sub is plain
+    pub/sub here (the same thing on one server, and it works before Redis 7)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        url: RedisURL | str,
+        *,
+        timeout: float = 5.0,
+        pool_size: int = 4,
+        connect_timeout: float = 5.0,
+        reconnect_max_delay: float = 2.0,
+        decode_responses: bool = True,
+        tls: TLSOptions | None = None,
+        ping_interval: float | None = 15.0,
+    ) -> None:
+        parsed = parse_redis_url(url) if isinstance(url, str) else url
+        if parsed.tls and tls is None:
+            tls = TLSOptions()
+        if tls is not None and not parsed.tls:
+            raise ValueError("TLS options given for a redis:// URL; use rediss://")
+        settings = ConnectionSettings(
+            password=parsed.password,
+            username=parsed.username,
+            db=parsed.db,
+            tls=tls,
+            pool_size=pool_size,
+            connect_timeout=connect_timeout,
+            reconnect_max_delay=reconnect_max_delay,
+            decode_responses=decode_responses,
+            ping_interval=ping_interval,
+        )
+        super().__init__(reactor, settings, timeout)
+        self.url = parsed
+        self._pool = NodePool(reactor, parsed.address, settings)
+        self._pubsub: PubSubConnection | None = None
+
+    def _wire_sharded(self, sharded: bool) -> bool:
+        return False
+
+    async def _execute(self, args: Sequence[Arg], key: str | bytes | None) -> Any:
+        return await self._pool.execute(args)
+
+    async def _execute_all(self, args: Sequence[Arg]) -> dict[str, Any]:
+        return {str(self.url.address): await self._pool.execute(args)}
+
+    async def _pubsub_subscribe(self, channel: str, sharded: bool) -> None:
+        if self._pubsub is None:
+            self._pubsub = self._new_pubsub(self.url.address)
+        await self._pubsub.subscribe(channel, sharded)
+
+    async def _pubsub_unsubscribe(self, channel: str, sharded: bool) -> None:
+        if self._pubsub is not None:
+            await self._pubsub.unsubscribe(channel, sharded)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await self._timed(self._pool.wait_connected(), timeout, "connect")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._pubsub is not None:
+            await self._pubsub.close()
+        await self._pool.close()
+
+
+def client_from_settings(
+    reactor: IReactorTime,
+    *,
+    url: str | None = None,
+    cluster_nodes: Sequence[Address] | None = None,
+    natmap: dict[Address, Address] | None = None,
+    **options: Any,
+) -> RedisClient:
+    """Build a single-server client from a URL or a cluster client from node
+    addresses (REDIS_NODES); options are passed to the client's constructor."""
+    if cluster_nodes:
+        from .cluster import ClusterRedisClient
+
+        return ClusterRedisClient(reactor, cluster_nodes, natmap=natmap or {}, **options)
+    if url is None:
+        raise ValueError("either a Redis URL or cluster nodes are needed")
+    return SingleRedisClient(reactor, url, **options)
