@@ -20,7 +20,7 @@ import orjson
 from twisted.internet import defer, task
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.wsclient import RpcClient  # noqa: E402
+from tests.wsclient import RpcClient
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -45,7 +45,9 @@ async def add_phase(
             cid = connections[(n + i) % len(connections)]
             i += 1
             started = time.perf_counter()
-            await client.call("addMessage", {"connectionId": cid, "recipientDids": ["did:key:z6Mk"], "payload": payload})
+            await client.call(
+                "addMessage", {"connectionId": cid, "recipientDids": ["did:key:z6Mk"], "payload": payload}
+            )
             latencies.append(time.perf_counter() - started)
             done += 1
 

@@ -95,8 +95,9 @@ class MprService(MultiService):
         self._log.critical("mpr-server could not start: {error}", error=failure.getErrorMessage())
         self._log.failure("start-up failure", failure)
         # twistd has no exit status for a failed start: leave with 1 once the reactor has stopped.
+        # startService runs before reactor.run(), so the stop may have to wait until it runs.
         self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-        self.reactor.stop()
+        self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
