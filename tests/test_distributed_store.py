@@ -1,0 +1,112 @@
+"""The store contract against the distributed store: Redis (single and a 3-master cluster) with
+MongoDB, all real servers started by tests/services.py. Plus the tiering (persister) behaviour."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest_twisted
+
+from mpr_server.redis.client import SingleRedisClient
+from mpr_server.redis.cluster import ClusterRedisClient
+from mpr_server.redis.url import Address
+from mpr_server.stores.base import TakeQuery
+from mpr_server.stores.distributed import DistributedStore
+from mpr_server.stores.mongo import ColdStore
+from tests.services import Mongo, RedisCluster, RedisSingle
+from tests.store_contract import LEASE_MS, T0, A, StoreContract, add, add_many, cid, ids, lease
+
+INSTANCE = A.instance  # the contract's sockets live on this instance
+
+
+def make_store(reactor: Any, redis: Any, mongo: Mongo, threshold_ms: int = 60_000) -> DistributedStore:
+    cold = ColdStore(f"{mongo.uri}/mpr_test_{uuid.uuid4().hex[:8]}", reactor)
+    return DistributedStore(redis, cold, reactor, INSTANCE, lease_ms=LEASE_MS, threshold_ms=threshold_ms)
+
+
+class TestSingleRedisContract(StoreContract):
+    @pytest_twisted.async_yield_fixture
+    async def store(self, reactor: Any, redis_single: RedisSingle, mongod: Mongo) -> AsyncIterator[DistributedStore]:
+        store = make_store(reactor, SingleRedisClient(reactor, redis_single.url, timeout=2), mongod)
+        await store.start()
+        yield store
+        await store.stop()
+
+
+class TestClusterRedisContract(StoreContract):
+    @pytest_twisted.async_yield_fixture
+    async def store(self, reactor: Any, redis_cluster: RedisCluster, mongod: Mongo) -> AsyncIterator[DistributedStore]:
+        store = make_store(
+            reactor, ClusterRedisClient(reactor, [Address(*n) for n in redis_cluster.nodes], timeout=2), mongod
+        )
+        await store.start()
+        yield store
+        await store.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def tiered(reactor: Any, redis_single: RedisSingle, mongod: Mongo) -> AsyncIterator[DistributedStore]:
+    store = make_store(reactor, SingleRedisClient(reactor, redis_single.url, timeout=2), mongod, threshold_ms=1000)
+    await store.start()
+    yield store
+    await store.stop()
+
+
+async def persist_all(store: DistributedStore, now_ms: int) -> int:
+    moved = 0
+    while True:
+        n = await store.persist_once(now_ms)
+        if not n:
+            return moved
+        moved += n
+
+
+@pytest_twisted.ensureDeferred
+async def test_persisted_messages_read_like_hot_ones(tiered: DistributedStore) -> None:
+    c = cid()
+    old = await add_many(tiered, c, 5)
+    assert await persist_all(tiered, T0 + 10_000) >= 5
+    new = await add(tiered, c, 99, now=T0 + 20_000)
+    # Bodies of the old ones are only in MongoDB now.
+    cold = await tiered.cold.payloads(ids(old))
+    assert cold == {m.id: m.payload for m in old}
+    assert await tiered.count(c, None, T0) == 6
+    first = await tiered.take(TakeQuery(c, limit=3), A, lease())
+    assert [(m.id, m.payload) for m in first] == [(m.id, m.payload) for m in old[:3]]
+    await tiered.remove(c, ids(first))
+    assert await tiered.cold.payloads(ids(first)) == {}
+    rest = await tiered.take(TakeQuery(c), A, lease())
+    assert ids(rest) == [*ids(old[3:]), new.id]
+    later = T0 + LEASE_MS
+    again = await tiered.take(TakeQuery(c, delete=True), None, lease(later))
+    assert ids(again) == ids(rest)
+    assert await tiered.count(c, None, later) == 0
+    assert await tiered.cold.payloads(ids(old)) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_persister_interrupted_between_mongo_and_redis_duplicates_nothing(tiered: DistributedStore) -> None:
+    c = cid()
+    sent = await add_many(tiered, c, 4)
+
+    async def crash() -> None:
+        raise RuntimeError("crash between the MongoDB write and the Redis removal")
+
+    tiered.before_offload_done = crash  # type: ignore[method-assign]
+    try:
+        await tiered.persist_once(T0 + 10_000)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the injected crash did not happen")
+    # Written to MongoDB but still whole in Redis: readers see each message once.
+    assert set(await tiered.cold.payloads(ids(sent))) == set(ids(sent))
+    await tiered.remove(c, [sent[0].id])
+    del tiered.before_offload_done
+    await tiered._exec(["DEL", *[f"mpr:lock:old:{{{n}}}" for n in range(16)]], "mpr:lock:old:{0}")
+    await persist_all(tiered, T0 + 10_000)
+    taken = await tiered.take(TakeQuery(c), A, lease())
+    assert [(m.id, m.payload) for m in taken] == [(m.id, m.payload) for m in sent[1:]]
+    assert await tiered.cold.payloads([sent[0].id]) == {}
