@@ -11,6 +11,7 @@ class Metrics:
         self.counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
         self._gauges: dict[str, Callable[[], float]] = {}
         self._help: dict[str, str] = {}
+        self._sources: list[Callable[[], None]] = []
 
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:
         self.counters[(name, tuple(sorted(labels.items())))] += amount
@@ -22,7 +23,16 @@ class Metrics:
     def describe(self, name: str, help_text: str) -> None:
         self._help[name] = help_text
 
+    def source(self, refresh: Callable[[], None]) -> None:
+        """Call ``refresh`` before each render (to copy counters kept elsewhere)."""
+        self._sources.append(refresh)
+
+    def set_counter(self, name: str, value: int, **labels: str) -> None:
+        self.counters[(name, tuple(sorted(labels.items())))] = value
+
     def render(self) -> bytes:
+        for refresh in self._sources:
+            refresh()
         lines: list[str] = []
         seen: set[str] = set()
         for (name, labels), value in sorted(self.counters.items()):

@@ -18,18 +18,40 @@ from mpr_server.config import Config, Options
 from mpr_server.http import make_site
 from mpr_server.metrics import Metrics
 from mpr_server.protocol import MediatorFactory
+from mpr_server.push import MemoryThrottle, Throttle, build_push_service
+from mpr_server.redis.client import RedisClient, SingleRedisClient
+from mpr_server.redis.cluster import ClusterRedisClient
+from mpr_server.redis.url import parse_natmap, parse_nodes
 from mpr_server.rpc import Dispatcher, RpcLimits
 from mpr_server.service import DomainSettings, PickupService
 from mpr_server.stores.base import MessageStore
+from mpr_server.stores.distributed import DistributedStore, Persister, RedisThrottle
 from mpr_server.stores.embedded import EmbeddedStore
+from mpr_server.stores.mongo import ColdStore
 
 __all__ = ["Options", "makeService"]
 
 
-def build_store(config: Config, reactor: Any) -> MessageStore:
-    if config.store == "embedded":
-        return EmbeddedStore(config.data_dir, reactor, config.sqlite_synchronous)
-    raise SystemExit("MPR_STORE=redis: the Redis + MongoDB store is not available in this version")
+def build_distributed_store(config: Config, reactor: Any) -> DistributedStore:
+    timeout = config.call_timeout_ms / 1000
+    redis: RedisClient
+    if config.redis_type == "cluster":
+        redis = ClusterRedisClient(
+            reactor, parse_nodes(config.redis_nodes), natmap=parse_natmap(config.redis_natmap), timeout=timeout
+        )
+    else:
+        redis = SingleRedisClient(reactor, config.redis_url, timeout=timeout)
+    return DistributedStore(
+        redis,
+        ColdStore(config.mongodb_uri, reactor, timeout),
+        reactor,
+        config.instance_id,
+        instance_ttl_ms=config.instance_ttl_ms,
+        lease_ms=config.message_lease_ms,
+        threshold_ms=config.threshold_timestamp,
+        allow_evicting=config.allow_evicting_redis,
+        timeout_s=timeout,
+    )
 
 
 class MprService(MultiService):
@@ -43,7 +65,21 @@ class MprService(MultiService):
         self.config = config
         self.reactor = reactor
         self.metrics = Metrics()
-        self.store = build_store(config, reactor)
+        self.persister: Persister | None = None
+        throttle: Throttle
+        remote_notify = None
+        self.store: MessageStore
+        if config.store == "redis":
+            distributed = build_distributed_store(config, reactor)
+            self.store = distributed
+            throttle = RedisThrottle(distributed.redis)
+            remote_notify = distributed.publish
+            interval = min(max(config.threshold_timestamp / 4000, 0.5), 5.0)
+            self.persister = Persister(distributed, reactor, interval)
+        else:
+            self.store = EmbeddedStore(config.data_dir, reactor, config.sqlite_synchronous)
+            throttle = MemoryThrottle(reactor)
+        self.push = build_push_service(config.push, reactor, throttle)
         self.pickup = PickupService(
             self.store,
             reactor,
@@ -52,14 +88,24 @@ class MprService(MultiService):
                 lease_ms=config.message_lease_ms,
                 session_grace_ms=config.session_grace_ms,
             ),
+            pusher=self.push,
+            remote_notify=remote_notify,
         )
+        if isinstance(self.store, DistributedStore):
+            self.store.on_notification = self.pickup.notify_local
         limits = RpcLimits(max_message_bytes=config.max_message_bytes, call_timeout_s=config.call_timeout_ms / 1000)
         self.dispatcher = Dispatcher(self.pickup, reactor, limits)
         self.factory = MediatorFactory(self.pickup, self.dispatcher, reactor, config.max_frame_bytes)
         self.metrics.gauge("mpr_open_sockets", lambda: len(self.factory.sockets), "open mediator sockets")
+        self.metrics.describe("mpr_push_total", "push notifications by provider and outcome")
+        self.metrics.source(self._push_counts)
         self.site = make_site(self.store, reactor, self._info, self.metrics.render)
         self._ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
+
+    def _push_counts(self) -> None:
+        for (provider, outcome), count in self.push.counters.items():
+            self.metrics.set_counter("mpr_push_total", count, provider=provider, outcome=outcome)
 
     def _info(self) -> dict[str, Any]:
         return {"version": __version__, "store": self.store.name, "instance": self.config.instance_id}
@@ -71,7 +117,10 @@ class MprService(MultiService):
 
     async def _start(self) -> None:
         await self.store.start()
+        self.push.startService()
         self.pickup.startService()
+        if self.persister is not None:
+            self.persister.start(self.persister.interval_s, now=False)
         ws = await endpoints.serverFromString(self.reactor, self.config.ws_endpoint).listen(self.factory)
         self._ports.append(ws)
         http = await endpoints.serverFromString(self.reactor, self.config.app_endpoint).listen(self.site)
@@ -111,6 +160,12 @@ class MprService(MultiService):
         await self.factory.close_all(3.0, self.reactor)
         if self.pickup.running:
             self.pickup.stopService()
+        if self.persister is not None and self.persister.running:
+            self.persister.stop()
+        if self.push.running:
+            stopping = self.push.stopService()
+            if stopping is not None:
+                await stopping
         await self.store.stop()
         stopped = super().stopService()
         if stopped is not None:

@@ -451,3 +451,41 @@ class DistributedStore:
 
     async def before_offload_done(self) -> None:
         """A seam for fault-injection tests: runs between the MongoDB write and the Redis removal."""
+
+
+class RedisThrottle:
+    """At most one push per key per window across every instance: ``SET NX PX``."""
+
+    def __init__(self, redis: RedisClient) -> None:
+        self._redis = redis
+
+    async def acquire(self, key: str, window_ms: int) -> bool:
+        if window_ms <= 0:
+            return True
+        name = f"mpr:push:{key}"
+        return bool(await self._redis.execute(["SET", name, "1", "NX", "PX", window_ms], key=name))
+
+
+class Persister(LoopingCall):
+    """Moves old payloads to MongoDB on a timer in every instance (work is claimed per bucket, so
+    instances share it without a leader). A failing tick logs; the next one retries."""
+
+    _log = Logger()
+
+    def __init__(self, store: DistributedStore, clock: IReactorTime, interval_s: float) -> None:
+        super().__init__(self._tick)
+        self.clock = clock
+        self._store = store
+        self.interval_s = interval_s
+
+    def _tick(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._run_once())
+
+    async def _run_once(self) -> None:
+        try:
+            moved = await self._store.persist_once(int(self.clock.seconds() * 1000))
+        except Exception as e:
+            self._log.warn("persister tick failed, the next tick retries: {error}", error=f"{type(e).__name__}: {e}")
+            return
+        if moved:
+            self._log.debug("persisted {moved} messages to MongoDB", moved=moved)
