@@ -68,6 +68,12 @@ def _text(value: str) -> str:
     return value
 
 
+def _instance_id(value: str) -> str:
+    if not value or len(value) > 64 or "/" in value or any(c.isspace() for c in value):
+        raise ValueError("accepted values: up to 64 characters, no '/' or spaces")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
@@ -111,7 +117,7 @@ SETTINGS: tuple[Setting, ...] = (
         _choice("normal", "full"),
         "embedded store fsync policy: normal survives a process crash, full also a power loss",
     ),
-    Setting("MPR_INSTANCE_ID", None, _text, "id of this MPR instance (default: random per start)"),
+    Setting("MPR_INSTANCE_ID", None, _instance_id, "id of this MPR instance (default: random per start)"),
     Setting(
         "MESSAGE_LEASE_MS",
         "60000",

@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.types import ConnectionRequest
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -16,6 +16,7 @@ from mpr_server.rpc import CallContext, Dispatcher
 from mpr_server.service import PickupService
 
 GOING_AWAY = 1001
+MAX_SOCKET_ID = 256
 
 
 class MediatorProtocol(WebSocketServerProtocol):
@@ -31,6 +32,8 @@ class MediatorProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> None:
         requested = request.params.get("socket_id", [""])[0]
+        if len(requested) > MAX_SOCKET_ID:
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, f"socket_id longer than {MAX_SOCKET_ID} characters")
         self.explicit_id = bool(requested)
         self.socket_id = requested or str(uuid.uuid4())
         self._ctx = CallContext(self.socket_id)

@@ -52,6 +52,7 @@ def test_booleans_mean_what_they_say(value: str, expected: bool) -> None:
         ("REDIS_TYPE", "sentinel", "single, cluster"),
         ("MESSAGE_LEASE_MS", "-5", "integer"),
         ("THRESHOLD_TIMESTAMP", "soon", "integer"),
+        ("MPR_INSTANCE_ID", "a/b", "no '/'"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_accepted_values(name: str, value: str, accepted: str) -> None:

@@ -45,7 +45,7 @@ class Harness:
         self.pumps: list[iosim.IOPump] = []
         self.run(self.store.start())
 
-    def connect(self, query: str = "?socket_id=m1") -> RpcClient:
+    def connect(self, query: str = "?socket_id=m1", expect_open: bool = True) -> RpcClient:
         address = IPv4Address("TCP", "127.0.0.1", 3100)
         server = self.factory.buildProtocol(address)
         client = RpcClient(self.clock)
@@ -62,7 +62,7 @@ class Harness:
         )
         self.pumps.append(pump)
         self.settle()
-        assert client.protocol is not None, "handshake did not complete"
+        assert (client.protocol is not None) == expect_open, "handshake outcome"
         return client
 
     def settle(self) -> None:
@@ -242,6 +242,12 @@ def test_binary_frames_are_requests_and_replies_are_text(h: Harness, c: RpcClien
     assert c.frames_binary and not any(c.frames_binary)
     reply = h.raw(c, b'{"jsonrpc":"2.0","method":"ping","id":"\xff"}', binary=True)
     assert error_of(reply) == (-32700, "Parse error")
+
+
+def test_overlong_socket_id_is_refused_at_the_handshake(h: Harness) -> None:
+    client = h.connect("?socket_id=" + "x" * 300, expect_open=False)
+    assert client.closed.called
+    assert h.connect("?socket_id=" + "x" * 256).protocol is not None
 
 
 def test_invalid_utf8_text_frame_closes_with_1007(h: Harness, c: RpcClient) -> None:
