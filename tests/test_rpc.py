@@ -23,6 +23,7 @@ from mpr_server.protocol import MediatorFactory
 from mpr_server.rpc import Dispatcher, RpcLimits
 from mpr_server.service import DomainSettings, PickupService
 from mpr_server.stores.embedded import EmbeddedStore
+from tests.drive import drive
 from tests.wsclient import ABSENT, RpcClient, _Protocol
 
 T = TypeVar("T")
@@ -72,17 +73,8 @@ class Harness:
             self.clock.advance(0)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        d: Deferred[T] = Deferred.fromCoroutine(coro)
-        results: list[Any] = []
-        d.addBoth(results.append)
-        for _ in range(50):
-            if results:
-                break
-            self.settle()
-        assert results, "no reply"
-        if hasattr(results[0], "raiseException"):
-            results[0].raiseException()
-        return results[0]
+        """Drive a coroutine to completion without reactor time."""
+        return drive(coro, self.settle)
 
     def raw(self, client: RpcClient, frame: bytes | str, binary: bool = False) -> Any:
         """Send a raw frame; return the next reply that no request id claims."""

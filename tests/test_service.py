@@ -8,13 +8,13 @@ from typing import Any, TypeVar
 
 import orjson
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from mpr_server.push.model import PushToken
 from mpr_server.service import DomainSettings, PickupService
 from mpr_server.stores.base import TakeQuery
 from mpr_server.stores.embedded import EmbeddedStore
+from tests.drive import drive
 
 T = TypeVar("T")
 LEASE_S = 60
@@ -59,18 +59,8 @@ class World:
         self.service.startService()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Drive a coroutine to completion on the fake clock (the store commits on callLater(0))."""
-        d: Deferred[T] = Deferred.fromCoroutine(coro)
-        results: list[Any] = []
-        d.addBoth(results.append)
-        for _ in range(100):
-            if results:
-                break
-            self.clock.advance(0)
-        assert results, "operation did not complete"
-        if isinstance(results[0], Exception) or hasattr(results[0], "raiseException"):
-            results[0].raiseException()
-        return results[0]
+        """Drive a coroutine to completion without reactor time."""
+        return drive(coro, lambda: self.clock.advance(0))
 
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import (
     EllipticCurvePrivateKey,
 )
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -26,6 +26,7 @@ from .model import (
     PushError,
     TemporaryPushError,
     parse_retry_after,
+    send_within,
 )
 from .settings import PushSettings
 
@@ -165,16 +166,7 @@ class ApnsSender:
         self.provider_token = ProviderToken(clock, credentials)
 
     async def send(self, token: str, message_id: str) -> None:
-        d = Deferred.fromCoroutine(self._send(token, message_id))
-        d.addTimeout(self._settings.push_timeout_ms / 1000.0, self._clock)
-        try:
-            await d
-        except PushError:
-            raise
-        except TimeoutError as e:
-            raise TemporaryPushError("APNs request timed out") from e
-        except Exception as e:
-            raise TemporaryPushError(f"APNs transport error: {e!r}") from e
+        await send_within("APNs", self._send(token, message_id), self._settings.push_timeout_ms / 1000.0, self._clock)
 
     async def _send(self, token: str, message_id: str) -> None:
         path = f"/3/device/{quote(token, safe='')}".encode("ascii")

@@ -12,7 +12,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, DeferredLock, TimeoutError, succeed
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -25,6 +25,7 @@ from .model import (
     PushError,
     TemporaryPushError,
     parse_retry_after,
+    send_within,
 )
 from .settings import PushSettings
 
@@ -176,16 +177,7 @@ class FcmSender:
         self.token_requests = 0
 
     async def send(self, token: str, message_id: str) -> None:
-        d = Deferred.fromCoroutine(self._send(token, message_id))
-        d.addTimeout(self._settings.push_timeout_ms / 1000.0, self._clock)
-        try:
-            await d
-        except PushError:
-            raise
-        except TimeoutError as e:
-            raise TemporaryPushError("FCM request timed out") from e
-        except Exception as e:
-            raise TemporaryPushError(f"FCM transport error: {e!r}") from e
+        await send_within("FCM", self._send(token, message_id), self._settings.push_timeout_ms / 1000.0, self._clock)
 
     async def _send(self, token: str, message_id: str) -> None:
         body = orjson.dumps({"message": build_fcm_message(token, message_id, self._settings)})

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
 
 
 @dataclass(frozen=True)
@@ -59,3 +64,18 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - now)
+
+
+async def send_within(provider: str, attempt: Coroutine[Any, Any, None], timeout_s: float, clock: IReactorTime) -> None:
+    """Run one provider request with a deadline; anything but a classified PushError (a timeout, a
+    transport failure) becomes a TemporaryPushError, so the caller retries it."""
+    d = Deferred.fromCoroutine(attempt)
+    d.addTimeout(timeout_s, clock)
+    try:
+        await d
+    except PushError:
+        raise
+    except TimeoutError as e:
+        raise TemporaryPushError(f"{provider} request timed out") from e
+    except Exception as e:
+        raise TemporaryPushError(f"{provider} transport error: {e!r}") from e

@@ -107,6 +107,19 @@ local function forget(id)
   return in_redis == 0 or copying == 1
 end
 
+-- the ids that still exist, oldest first
+local function in_queue_order(ids)
+  local pairs_ = {}
+  for _, id in ipairs(ids) do
+    local meta = redis.call('HGET', KM, id)
+    if meta then pairs_[#pairs_ + 1] = {cjson.decode(meta)[1], id} end
+  end
+  table.sort(pairs_, function(a, b) return a[1] < b[1] end)
+  local sorted = {}
+  for i, pair in ipairs(pairs_) do sorted[i] = pair[2] end
+  return sorted
+end
+
 local function oldest_lease()
   local first = redis.call('ZRANGE', KL, 0, 0, 'WITHSCORES')
   if #first == 0 then return false end
@@ -240,15 +253,7 @@ for _, id in ipairs(ids) do
   redis.call('ZADD', KL, ARGV[5], id)
   redis.call('HSET', KH, id, holder)
 end
-local ordered = {}
-for _, id in ipairs(ids) do
-  local meta = redis.call('HGET', KM, id)
-  if meta then ordered[#ordered + 1] = {cjson.decode(meta)[1], id} end
-end
-table.sort(ordered, function(a, b) return a[1] < b[1] end)
-local sorted = {}
-for i, pair in ipairs(ordered) do sorted[i] = pair[2] end
-return describe(sorted)
+return describe(in_queue_order(ids))
 """)
 
 # ARGV: holder, sid ('' = by holder) -> 1 removed | 0
@@ -284,17 +289,8 @@ local function redeliver(released, live, cutoff, ends, skip)
   if not s or s[4] == '1' then return {} end
   local holder = s[2] .. '/' .. s[3]
   if holder == skip then return {} end
-  local ordered = {}
-  for _, id in ipairs(released) do
-    local meta = redis.call('HGET', KM, id)
-    if meta then ordered[#ordered + 1] = {cjson.decode(meta)[1], id} end
-  end
-  table.sort(ordered, function(a, b) return a[1] < b[1] end)
-  local ids = {}
-  for i, pair in ipairs(ordered) do
-    ids[i] = pair[2]
-    lease_to(pair[2], holder, ends)
-  end
+  local ids = in_queue_order(released)
+  for _, id in ipairs(ids) do lease_to(id, holder, ends) end
   local out = describe(ids)
   table.insert(out, 1, s[3])
   table.insert(out, 1, s[2])
