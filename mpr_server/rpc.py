@@ -18,6 +18,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mpr_server.metrics import Metrics
 from mpr_server.push.model import PushToken
 from mpr_server.service import PickupService
 from mpr_server.stores.base import StoreUnavailable, TakeQuery
@@ -174,8 +175,16 @@ class Dispatcher:
 
     _log = Logger()
 
-    def __init__(self, service: PickupService, clock: IReactorTime, limits: RpcLimits = RpcLimits()) -> None:
+    def __init__(
+        self,
+        service: PickupService,
+        clock: IReactorTime,
+        limits: RpcLimits = RpcLimits(),
+        metrics: Metrics | None = None,
+    ) -> None:
         self._service = service
+        self._metrics = metrics or Metrics()
+        self._metrics.describe("mpr_calls_total", "JSON-RPC calls by method and outcome (ok, invalid, error)")
         self._clock = clock
         self._limits = limits
         self._methods: dict[str, Handler] = {
@@ -235,14 +244,18 @@ class Dispatcher:
         try:
             result = await self._call(handler, params, ctx)
         except RpcError as e:
+            self._metrics.inc("mpr_calls_total", method=method, outcome="invalid")
             return self._error(e, reply_id) if reply_id is not None else None
         except (StoreUnavailable, DeferredTimeout) as e:
+            self._metrics.inc("mpr_calls_total", method=method, outcome="error")
             details = str(e) if isinstance(e, StoreUnavailable) else "the store did not answer in time"
             self._log.warn("{method} failed: {details}", method=method, details=details)
             return self._internal(details, reply_id)
         except Exception as e:
+            self._metrics.inc("mpr_calls_total", method=method, outcome="error")
             self._log.failure("{method} failed", method=method)
             return self._internal(f"{type(e).__name__}: {e}", reply_id)
+        self._metrics.inc("mpr_calls_total", method=method, outcome="ok")
         if reply_id is None:
             return None
         return {"jsonrpc": "2.0", "result": result, "id": request_id}

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.test import iosim
 
+from mpr_server.metrics import Metrics
 from mpr_server.protocol import MediatorFactory
 from mpr_server.rpc import Dispatcher, RpcLimits
 from mpr_server.service import DomainSettings, PickupService
@@ -41,7 +42,8 @@ class Harness:
         self.store = EmbeddedStore(str(tmp_path), self.clock)
         self.service = PickupService(self.store, self.clock, DomainSettings("i1"))
         limits = RpcLimits(max_message_bytes=MAX_MESSAGE, max_batch=50, call_timeout_s=1.5)
-        self.dispatcher = Dispatcher(self.service, self.clock, limits)
+        self.metrics = Metrics()
+        self.dispatcher = Dispatcher(self.service, self.clock, limits, self.metrics)
         self.factory = MediatorFactory(self.service, self.dispatcher, self.clock, max_frame_bytes=MAX_FRAME)
         self.pumps: list[iosim.IOPump] = []
         self.run(self.store.start())
@@ -362,6 +364,7 @@ def test_invalid_params_name_the_field_and_change_nothing(
     taken = h.call(c, "takeFromQueue", {"connectionId": "v"})
     assert [m["id"] for m in taken] == [kept]
     assert h.call(c, "getLiveSession", {"connectionId": "v"}) is False
+    assert f'mpr_calls_total{{method="{method}",outcome="invalid"}} 1'.encode() in h.metrics.render()
 
 
 def test_params_must_be_named(h: Harness, c: RpcClient) -> None:
