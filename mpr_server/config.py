@@ -117,7 +117,13 @@ SETTINGS: tuple[Setting, ...] = (
         _choice("normal", "full"),
         "embedded store fsync policy: normal survives a process crash, full also a power loss",
     ),
-    Setting("MPR_INSTANCE_ID", None, _instance_id, "id of this MPR instance (default: random per start)"),
+    Setting(
+        "MPR_INSTANCE_ID",
+        None,
+        _instance_id,
+        "name of this MPR instance in logs and Redis; a random suffix is added at every start so that"
+        " the sessions of a previous run are recognised as dead",
+    ),
     Setting(
         "MESSAGE_LEASE_MS",
         "60000",
@@ -250,7 +256,7 @@ def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config
         store=store,
         data_dir=parsed["MPR_DATA_DIR"],
         sqlite_synchronous=parsed["MPR_SQLITE_SYNCHRONOUS"].upper(),
-        instance_id=parsed["MPR_INSTANCE_ID"] or uuid.uuid4().hex[:12],
+        instance_id=f"{parsed['MPR_INSTANCE_ID'] or 'mpr'}-{uuid.uuid4().hex[:8]}",
         message_lease_ms=parsed["MESSAGE_LEASE_MS"],
         session_grace_ms=parsed["SESSION_GRACE_MS"],
         max_message_bytes=parsed["MAX_MESSAGE_BYTES"],

@@ -74,3 +74,12 @@ def test_options_override_the_environment_and_every_variable_has_an_option(monke
 def test_bad_option_is_a_usage_error_naming_the_variable() -> None:
     with pytest.raises(usage.UsageError, match="WS_PORT"):
         Options().parseOptions(["--ws-port", "x"])
+
+
+def test_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    from scripts.config_table import table
+
+    readme = (Path(__file__).parent.parent / "README.rst").read_text()
+    assert table() in readme, "README.rst configuration table is stale: regenerate with scripts/config_table.py"
