@@ -7,23 +7,29 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import pytest_twisted
+from twisted.logger import capturedLogs, formatEvent
 
 from mpr_server.redis.client import SingleRedisClient
 from mpr_server.redis.cluster import ClusterRedisClient
 from mpr_server.redis.url import Address
-from mpr_server.stores.base import TakeQuery
+from mpr_server.stores.base import StoreUnavailable, TakeQuery
 from mpr_server.stores.distributed import DistributedStore
 from mpr_server.stores.mongo import ColdStore
-from tests.services import Mongo, RedisCluster, RedisSingle
+from tests.services import Mongo, RedisCluster, RedisSingle, start_or_skip
 from tests.store_contract import LEASE_MS, T0, A, StoreContract, add, add_many, cid, ids, lease
 
 INSTANCE = A.instance  # the contract's sockets live on this instance
 
 
-def make_store(reactor: Any, redis: Any, mongo: Mongo, threshold_ms: int = 60_000) -> DistributedStore:
+def make_store(
+    reactor: Any, redis: Any, mongo: Mongo, threshold_ms: int = 60_000, allow_evicting: bool = False
+) -> DistributedStore:
     cold = ColdStore(f"{mongo.uri}/mpr_test_{uuid.uuid4().hex[:8]}", reactor)
-    return DistributedStore(redis, cold, reactor, INSTANCE, lease_ms=LEASE_MS, threshold_ms=threshold_ms)
+    return DistributedStore(
+        redis, cold, reactor, INSTANCE, lease_ms=LEASE_MS, threshold_ms=threshold_ms, allow_evicting=allow_evicting
+    )
 
 
 class TestSingleRedisContract(StoreContract):
@@ -110,3 +116,35 @@ async def test_persister_interrupted_between_mongo_and_redis_duplicates_nothing(
     taken = await tiered.take(TakeQuery(c), A, lease())
     assert [(m.id, m.payload) for m in taken] == [(m.id, m.payload) for m in sent[1:]]
     assert await tiered.cold.payloads([sent[0].id]) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_without_config_command_starts_with_a_warning(reactor: Any, mongod: Mongo) -> None:
+    server = start_or_skip("redis-server", lambda s: s.start_redis(extra_args=("--rename-command", "CONFIG", "")))
+    store = make_store(reactor, SingleRedisClient(reactor, f"redis://127.0.0.1:{server.port}/0", timeout=2), mongod)
+    try:
+        with capturedLogs() as events:
+            await store.start()
+        assert any("maxmemory-policy" in formatEvent(e) for e in events)
+        c = cid()
+        await add(store, c, 1)
+        assert await store.count(c, None, T0) == 1
+    finally:
+        await store.stop()
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_evicting_redis_is_refused_unless_allowed(reactor: Any, mongod: Mongo) -> None:
+    server = start_or_skip("redis-server", lambda s: s.start_redis(extra_args=("--maxmemory-policy", "allkeys-lru")))
+    url = f"redis://127.0.0.1:{server.port}/0"
+    try:
+        refused = make_store(reactor, SingleRedisClient(reactor, url, timeout=2), mongod)
+        with pytest.raises(StoreUnavailable, match="noeviction"):
+            await refused.start()
+        await refused.redis.close()
+        allowed = make_store(reactor, SingleRedisClient(reactor, url, timeout=2), mongod, allow_evicting=True)
+        await allowed.start()
+        await allowed.stop()
+    finally:
+        server.stop()

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 
 from mpr_server.model import AddResult, Delivery, NewMessage, QueuedMessage, SocketRef
 from mpr_server.redis.client import RedisClient
-from mpr_server.redis.errors import RedisError
+from mpr_server.redis.errors import RedisError, RedisResponseError
 from mpr_server.redis.script import Script
 from mpr_server.stores import redis_scripts as lua
 from mpr_server.stores.base import Lease, SocketRelease, StoreUnavailable, TakeQuery
@@ -166,7 +166,18 @@ class DistributedStore:
     async def start(self) -> None:
         try:
             await self.redis.wait_ready(timeout=10)
+        except RedisError as e:
+            raise StoreUnavailable(f"Redis is not reachable: {e}") from e
+        try:
             policies = await self.redis.get_config("maxmemory-policy")
+        except RedisResponseError as e:
+            # Managed services often disable CONFIG; we cannot check, so say what must hold.
+            self._log.warn(
+                "cannot read Redis maxmemory-policy ({error}); make sure it is noeviction, or queued messages"
+                " may be evicted",
+                error=str(e),
+            )
+            policies = {}
         except RedisError as e:
             raise StoreUnavailable(f"Redis is not reachable: {e}") from e
         evicting = {node: p for node, p in policies.items() if p and p != "noeviction"}
