@@ -110,6 +110,12 @@ SETTINGS: tuple[Setting, ...] = (
         "store: embedded (SQLite) or redis (Redis + MongoDB); default: redis when REDIS_URL,"
         " REDIS_TYPE=cluster or MONGODB_URI is set, else embedded",
     ),
+    Setting(
+        "WS_REUSE_PORT",
+        "false",
+        parse_bool,
+        "let several MPR processes on this host share WS_PORT (SO_REUSEPORT; redis store only)",
+    ),
     Setting("MPR_DATA_DIR", "mpr-data", _text, "directory of the embedded store"),
     Setting(
         "MPR_SQLITE_SYNCHRONOUS",
@@ -182,6 +188,8 @@ BY_ENV = {s.env: s for s in SETTINGS}
 @dataclass(frozen=True)
 class Config:
     ws_endpoint: str
+    ws_port: int
+    ws_reuse_port: bool
     app_endpoint: str
     store: str
     data_dir: str
@@ -230,6 +238,11 @@ def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config
     if store is None:
         distributed = "REDIS_URL" in explicit or "MONGODB_URI" in explicit or parsed["REDIS_TYPE"] == "cluster"
         store = "redis" if distributed else "embedded"
+    if parsed["WS_REUSE_PORT"] and (store != "redis" or parsed["WS_ENDPOINT"]):
+        raise ConfigError(
+            "WS_REUSE_PORT=true needs the redis store (processes sharing a port must share the store)"
+            " and WS_PORT rather than WS_ENDPOINT"
+        )
     if parsed["REDIS_TYPE"] == "cluster" and store == "redis" and not parsed["REDIS_NODES"]:
         raise ConfigError("REDIS_NODES must list the cluster nodes (host:port,...) when REDIS_TYPE=cluster")
 
@@ -251,8 +264,10 @@ def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config
         push_ca_file=parsed["PUSH_CA_FILE"] or None,
     )
     return Config(
-        ws_endpoint=parsed["WS_ENDPOINT"] or f"tcp:{parsed['WS_PORT']}",
-        app_endpoint=parsed["APP_ENDPOINT"] or f"tcp:{parsed['APP_PORT']}",
+        ws_endpoint=parsed["WS_ENDPOINT"] or f"tcp:{parsed['WS_PORT']}:backlog=511",
+        ws_port=parsed["WS_PORT"],
+        ws_reuse_port=parsed["WS_REUSE_PORT"],
+        app_endpoint=parsed["APP_ENDPOINT"] or f"tcp:{parsed['APP_PORT']}:backlog=511",
         store=store,
         data_dir=parsed["MPR_DATA_DIR"],
         sqlite_synchronous=parsed["MPR_SQLITE_SYNCHRONOUS"].upper(),

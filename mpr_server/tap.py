@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from autobahn import __version__ as autobahn_version
@@ -121,8 +122,12 @@ class MprService(MultiService):
         self.pickup.startService()
         if self.persister is not None:
             self.persister.start(self.persister.interval_s, now=False)
-        ws = await endpoints.serverFromString(self.reactor, self.config.ws_endpoint).listen(self.factory)
+        if self.config.ws_reuse_port:
+            ws = listen_reuse_port(self.reactor, self.config.ws_port, self.factory)
+        else:
+            ws = await endpoints.serverFromString(self.reactor, self.config.ws_endpoint).listen(self.factory)
         self._ports.append(ws)
+        # With WS_REUSE_PORT, several processes share the WebSocket port; each needs its own APP_PORT.
         http = await endpoints.serverFromString(self.reactor, self.config.app_endpoint).listen(self.site)
         self._ports.append(http)
         self._log.info(
@@ -170,6 +175,22 @@ class MprService(MultiService):
         stopped = super().stopService()
         if stopped is not None:
             await stopped
+
+
+def listen_reuse_port(reactor: Any, port: int, factory: Any) -> IListeningPort:
+    """Listen on all interfaces with SO_REUSEPORT, so that the kernel spreads connections over
+    every MPR process bound to the port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("", port))
+        sock.listen(511)
+        sock.setblocking(False)
+        listening: IListeningPort = reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, factory)
+        return listening
+    finally:
+        sock.close()  # the reactor holds its own duplicate
 
 
 def _address(port: IListeningPort) -> str:

@@ -10,8 +10,8 @@ from mpr_server.config import SETTINGS, ConfigError, Options, load
 
 def test_defaults_are_the_originals_and_the_embedded_store() -> None:
     config = load({}, {})
-    assert config.ws_endpoint == "tcp:3100"
-    assert config.app_endpoint == "tcp:3500"
+    assert config.ws_endpoint == "tcp:3100:backlog=511"
+    assert config.app_endpoint == "tcp:3500:backlog=511"
     assert config.store == "embedded"
     assert config.message_lease_ms == 60_000
     assert config.max_message_bytes == 10 * 1024 * 1024
@@ -65,8 +65,8 @@ def test_options_override_the_environment_and_every_variable_has_an_option(monke
     monkeypatch.setenv("WS_PORT", "4000")
     options = Options()
     options.parseOptions(["--app-port", "4100"])
-    assert options.config.ws_endpoint == "tcp:4000"
-    assert options.config.app_endpoint == "tcp:4100"
+    assert options.config.ws_endpoint == "tcp:4000:backlog=511"
+    assert options.config.app_endpoint == "tcp:4100:backlog=511"
     flags = {p[0] for p in Options.optParameters}
     assert flags == {s.env.lower().replace("_", "-") for s in SETTINGS}
 
@@ -83,3 +83,10 @@ def test_readme_documents_every_setting() -> None:
 
     readme = (Path(__file__).parent.parent / "README.rst").read_text()
     assert table() in readme, "README.rst configuration table is stale: regenerate with scripts/config_table.py"
+
+
+def test_reuse_port_needs_the_shared_store() -> None:
+    with pytest.raises(ConfigError, match="WS_REUSE_PORT"):
+        load({}, {"WS_REUSE_PORT": "true"})
+    config = load({}, {"WS_REUSE_PORT": "true", "REDIS_URL": "redis://r:6379"})
+    assert config.ws_reuse_port and config.ws_port == 3100
