@@ -143,6 +143,13 @@ SETTINGS: tuple[Setting, ...] = (
         "how long the live sessions of a socket that connected with socket_id survive its disconnection",
     ),
     Setting("MAX_MESSAGE_BYTES", str(10 * MiB), _bounded(1), "largest accepted message payload (compact JSON bytes)"),
+    Setting(
+        "SLOW_READER_TIMEOUT_MS",
+        "30000",
+        _bounded(100),
+        "a mediator that does not read its replies for this long (or lets 16 MiB of notifications pile up"
+        " meanwhile) is disconnected",
+    ),
     Setting("MAX_FRAME_BYTES", str(100 * MiB), _bounded(1024), "largest accepted WebSocket frame/message"),
     Setting(
         "CALL_TIMEOUT_MS",
@@ -199,6 +206,7 @@ class Config:
     session_grace_ms: int
     max_message_bytes: int
     max_frame_bytes: int
+    slow_reader_timeout_ms: int
     call_timeout_ms: int
     redis_type: str
     redis_url: str
@@ -276,6 +284,7 @@ def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config
         session_grace_ms=parsed["SESSION_GRACE_MS"],
         max_message_bytes=parsed["MAX_MESSAGE_BYTES"],
         max_frame_bytes=parsed["MAX_FRAME_BYTES"],
+        slow_reader_timeout_ms=parsed["SLOW_READER_TIMEOUT_MS"],
         call_timeout_ms=parsed["CALL_TIMEOUT_MS"],
         redis_type=parsed["REDIS_TYPE"],
         redis_url=parsed["REDIS_URL"],

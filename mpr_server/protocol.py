@@ -4,13 +4,14 @@ dispatcher (frames in, frames out) and to the domain (socket open/close, notific
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mpr_server.rpc import CallContext, Dispatcher
 from mpr_server.service import PickupService
@@ -19,8 +20,31 @@ GOING_AWAY = 1001
 MAX_SOCKET_ID = 256
 
 
+@implementer(IPushProducer)
+class _OutputGate:
+    """Told by the transport when its send buffer fills (pause) and drains (resume)."""
+
+    def __init__(self, protocol: MediatorProtocol) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self._protocol.output_blocked()
+
+    def resumeProducing(self) -> None:
+        self._protocol.output_drained()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class MediatorProtocol(WebSocketServerProtocol):
-    """One mediator socket."""
+    """One mediator socket.
+
+    Back-pressure: while the mediator does not read our replies (the send buffer is full), we stop
+    reading its requests; a mediator that stays that way for ``slow_reader_timeout_s``, or while
+    notifications pile up past ``max_blocked_bytes``, is disconnected (its leases are released and
+    redelivered) rather than allowed to grow our memory without bound.
+    """
 
     _log = Logger()
     factory: MediatorFactory
@@ -29,6 +53,8 @@ class MediatorProtocol(WebSocketServerProtocol):
     explicit_id: bool = False
     _ctx: CallContext | None = None
     _opened: bool = False
+    _blocked: IDelayedCall | None = None
+    _blocked_bytes: int = 0
 
     def onConnect(self, request: ConnectionRequest) -> None:
         requested = request.params.get("socket_id", [""])[0]
@@ -41,7 +67,38 @@ class MediatorProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self._opened = True
+        self.registerProducer(_OutputGate(self), True)
         self.factory.opened(self)
+
+    def output_blocked(self) -> None:
+        if self._blocked is None:
+            cast(Any, self.transport).pauseProducing()
+            self._blocked_bytes = 0
+            self._blocked = self.factory.clock.callLater(self.factory.slow_reader_timeout_s, self._too_slow)
+
+    def output_drained(self) -> None:
+        if self._blocked is not None:
+            if self._blocked.active():
+                self._blocked.cancel()
+            self._blocked = None
+            cast(Any, self.transport).resumeProducing()
+
+    def _too_slow(self) -> None:
+        self._log.warn("socket {socket_id} does not read its replies: disconnecting it", socket_id=self.socket_id)
+        self._blocked = None
+        self.dropConnection(abort=True)
+
+    def _write_frame(self, frame: bytes) -> None:
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        if self._blocked is not None:
+            self._blocked_bytes += len(frame)
+            if self._blocked_bytes > self.factory.max_blocked_bytes:
+                if self._blocked.active():
+                    self._blocked.cancel()
+                self._too_slow()
+                return
+        self.sendMessage(frame, isBinary=False)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         assert self._ctx is not None
@@ -49,18 +106,20 @@ class MediatorProtocol(WebSocketServerProtocol):
         d.addCallbacks(self._reply, self._failed)
 
     def _reply(self, frame: bytes | None) -> None:
-        if frame is not None and self.state == WebSocketServerProtocol.STATE_OPEN:
-            self.sendMessage(frame, isBinary=False)
+        if frame is not None:
+            self._write_frame(frame)
 
     def _failed(self, failure: Any) -> None:
         # The dispatcher turns every error into a reply; reaching here is a bug: log it loudly.
         self._log.failure("unhandled error answering socket {socket_id}", failure, socket_id=self.socket_id)
 
     def send_notification(self, frame: bytes) -> None:
-        if self.state == WebSocketServerProtocol.STATE_OPEN:
-            self.sendMessage(frame, isBinary=False)
+        self._write_frame(frame)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._blocked is not None and self._blocked.active():
+            self._blocked.cancel()
+        self._blocked = None
         if self._opened:
             self._opened = False
             self.factory.closed(self)
@@ -81,8 +140,13 @@ class MediatorFactory(WebSocketServerFactory):
         dispatcher: Dispatcher,
         reactor: IReactorTime,
         max_frame_bytes: int = 100 * 1024 * 1024,
+        slow_reader_timeout_s: float = 30.0,
+        max_blocked_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         super().__init__(reactor=reactor)
+        self.clock = reactor
+        self.slow_reader_timeout_s = slow_reader_timeout_s
+        self.max_blocked_bytes = max_blocked_bytes
         self.service = service
         self.dispatcher = dispatcher
         self.sockets: set[MediatorProtocol] = set()

@@ -96,7 +96,13 @@ class MprService(MultiService):
             self.store.on_notification = self.pickup.notify_local
         limits = RpcLimits(max_message_bytes=config.max_message_bytes, call_timeout_s=config.call_timeout_ms / 1000)
         self.dispatcher = Dispatcher(self.pickup, reactor, limits, self.metrics)
-        self.factory = MediatorFactory(self.pickup, self.dispatcher, reactor, config.max_frame_bytes)
+        self.factory = MediatorFactory(
+            self.pickup,
+            self.dispatcher,
+            reactor,
+            config.max_frame_bytes,
+            slow_reader_timeout_s=config.slow_reader_timeout_ms / 1000,
+        )
         self.metrics.gauge("mpr_open_sockets", lambda: len(self.factory.sockets), "open mediator sockets")
         self.metrics.describe("mpr_push_total", "push notifications by provider and outcome")
         self.metrics.source(self._push_counts)
