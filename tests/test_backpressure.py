@@ -42,14 +42,15 @@ async def test_a_mediator_that_stops_reading_is_disconnected(reactor: Any, serve
     healthy = await RpcClient.connect(reactor, port, path="/?socket_id=healthy")
     assert await slow.call("addLiveSession", {"connectionId": "c1", "sessionId": "s1"}) is True
     assert slow.protocol is not None and slow.protocol.transport is not None
-    slow.protocol.transport.pauseProducing()  # the mediator stops reading
+    transport: Any = slow.protocol.transport
+    transport.pauseProducing()  # the mediator stops reading
 
     payload = {"ciphertext": "x" * 512 * 1024}
     for _ in range(40):  # 20 MiB of notifications for the slow socket
         await healthy.call("addMessage", {"connectionId": "c1", "recipientDids": [], "payload": payload})
 
     closed: Deferred[int | None] = slow.closed
-    slow.protocol.transport.resumeProducing()  # read what is left, and see the connection end
+    transport.resumeProducing()  # read what is left, and see the connection end
     closed.addTimeout(10, reactor)
     await closed
     # Its session ended with the socket and the deliveries it never read are pending again.
