@@ -56,6 +56,18 @@ class MediatorProtocol(WebSocketServerProtocol):
     _blocked: IDelayedCall | None = None
     _blocked_bytes: int = 0
 
+    def connectionMade(self) -> None:
+        # Autobahn tries to disable Nagle before it has copied the factory's options onto the
+        # protocol, and silently fails; without this, a notification following a reply waits for
+        # the mediator's delayed ACK (~40 ms).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:  # not a TCP socket
+                pass
+        super().connectionMade()
+
     def onConnect(self, request: ConnectionRequest) -> None:
         requested = request.params.get("socket_id", [""])[0]
         if len(requested) > MAX_SOCKET_ID:

@@ -241,6 +241,8 @@ def test_binary_frames_are_requests_and_replies_are_text(h: Harness, c: RpcClien
 def test_overlong_socket_id_is_refused_at_the_handshake(h: Harness) -> None:
     client = h.connect("?socket_id=" + "x" * 300, expect_open=False)
     assert client.closed.called
+    failure = h.run(_wait_failure(client.opened))
+    assert "handshake failed" in str(failure)
     assert h.connect("?socket_id=" + "x" * 256).protocol is not None
 
 
@@ -409,3 +411,11 @@ def test_a_hanging_store_call_times_out_with_an_error(h: Harness, c: RpcClient, 
 
 async def _wait(d: Deferred[T]) -> T:
     return await d
+
+
+async def _wait_failure(d: Deferred[Any]) -> Exception:
+    try:
+        await d
+    except Exception as e:
+        return e
+    raise AssertionError("expected a failure")

@@ -24,6 +24,12 @@ class RpcCallError(Exception):
 class _Protocol(WebSocketClientProtocol):
     client: RpcClient
 
+    def connectionMade(self) -> None:
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)  # as the server does (see MediatorProtocol.connectionMade)
+        super().connectionMade()
+
     def onOpen(self) -> None:
         self.client._opened(self)
 
@@ -47,7 +53,7 @@ class RpcClient:
         self.unmatched: DeferredQueue[Any] = DeferredQueue()
         self.frames_binary: list[bool] = []
         self.closed: Deferred[int | None] = Deferred()
-        self._open: Deferred[RpcClient] = Deferred()
+        self.opened: Deferred[RpcClient] = Deferred()
 
     @classmethod
     async def connect(
@@ -67,13 +73,13 @@ class RpcClient:
         factory.noisy = False
         endpoint = endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
         await endpoint.connect(factory)
-        opening = client._open
+        opening = client.opened
         opening.addTimeout(timeout, reactor)
         return await opening
 
     def _opened(self, protocol: _Protocol) -> None:
         self.protocol = protocol
-        self._open.callback(self)
+        self.opened.callback(self)
 
     def _received(self, payload: bytes, binary: bool) -> None:
         self.frames_binary.append(binary)
@@ -89,8 +95,8 @@ class RpcClient:
         self.unmatched.put(message)
 
     def _closed(self, code: int | None) -> None:
-        if not self._open.called:
-            self._open.errback(ConnectionError(f"handshake failed, close code {code}"))
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"handshake failed, close code {code}"))
         for waiter in self._pending.values():
             waiter.errback(ConnectionError(f"socket closed with {code}"))
         self._pending.clear()
