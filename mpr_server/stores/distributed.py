@@ -2,8 +2,9 @@
 of old messages), shared by any number of MPR instances.
 
 Every change to a connection is one Lua script on its hash-tagged keys (see redis_scripts).
-Around them this module keeps three small Redis indexes, each written after the script it
-follows (a failed index write only delays work, it never loses a message):
+Around them this module keeps three small Redis indexes; the last two are written in batches
+shortly after the scripts they follow (a lost index write only delays work, it never loses a
+message):
 
 - ``mpr:instances``: ZSET instance -> liveness deadline (heartbeat); sessions and leases of an
   instance missing from it are dead and released by the scripts that meet them;
@@ -24,7 +25,7 @@ from typing import Any
 
 import orjson
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -37,6 +38,7 @@ from mpr_server.stores.base import Lease, SocketRelease, StoreUnavailable, TakeQ
 from mpr_server.stores.mongo import ColdMessage, ColdStore
 
 BUCKETS = 16
+INDEX_BATCH_S = 0.05  # index entries are written at most this long after their script
 INSTANCES = "mpr:instances"
 LocalNotify = Callable[[str, Sequence[bytes]], None]
 
@@ -100,6 +102,10 @@ class DistributedStore:
         # Connections where a local socket holds leases or a session: where to look when it goes.
         self._socket_connections: defaultdict[SocketRef, set[str]] = defaultdict(set)
         self.on_notification: LocalNotify | None = None
+        # Index entries waiting for the next batched write: bucket -> ZADD args / connection -> end.
+        self._old_queue: defaultdict[int, list[Any]] = defaultdict(list)
+        self._due_queue: defaultdict[int, dict[str, int]] = defaultdict(dict)
+        self._index_call: IDelayedCall | None = None
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
         self._subscription: Any = None
@@ -147,10 +153,49 @@ class DistributedStore:
             self._socket_connections[holder].add(connection_id)
 
     def _index_lease(self, connection_id: str, until_ms: int, now_ms: int) -> None:
-        """Record the lease end for the sweeper; in the background, failures only delay redelivery."""
-        key = f"mpr:due:{{{bucket(connection_id)}}}"
-        d = Deferred.fromCoroutine(self.redis.eval_script(lua.INDEX_LEASE, [key], [connection_id, until_ms, now_ms]))
-        d.addErrback(lambda f: self._log.warn("lease index write failed: {e}", e=f.getErrorMessage()))
+        """Record a lease end for the sweeper (batched)."""
+        due = self._due_queue[bucket(connection_id)]
+        due[connection_id] = min(due.get(connection_id, until_ms), until_ms)
+        self._schedule_index_write()
+
+    def _index_old(self, message: NewMessage) -> None:
+        """Record a message for the persister (batched)."""
+        entry = f"{message.connection_id}\n{message.id}"
+        self._old_queue[bucket(message.connection_id)].extend([message.received_at_ms, entry])
+        self._schedule_index_write()
+
+    def _schedule_index_write(self) -> None:
+        if self._index_call is None:
+            self._index_call = self._reactor.callLater(INDEX_BATCH_S, self._write_indexes_later)
+
+    def _write_indexes_later(self) -> None:
+        self._index_call = None
+        d = Deferred.fromCoroutine(self.write_indexes())
+        d.addErrback(lambda f: self._log.warn("index write failed, retrying: {e}", e=f.getErrorMessage()))
+
+    async def write_indexes(self) -> None:
+        """Write the batched index entries: one command per bucket. On failure they are queued again."""
+        old, self._old_queue = self._old_queue, defaultdict(list)
+        due, self._due_queue = self._due_queue, defaultdict(dict)
+        now = int(self._reactor.seconds() * 1000)
+        writes: list[Deferred[Any]] = []
+        for n, args in old.items():
+            key = f"mpr:old:{{{n}}}"
+            writes.append(Deferred.fromCoroutine(self.redis.execute(["ZADD", key, *args], key=key)))
+        for n, ends in due.items():
+            pairs = [x for item in ends.items() for x in item]
+            key = f"mpr:due:{{{n}}}"
+            writes.append(Deferred.fromCoroutine(self.redis.eval_script(lua.INDEX_LEASES, [key], [now, *pairs])))
+        results = await DeferredList(writes, consumeErrors=True)
+        if all(ok for ok, _ in results):
+            return
+        for n, args in old.items():
+            self._old_queue[n].extend(args)
+        for ends in due.values():
+            for connection_id, end in ends.items():
+                self._index_lease(connection_id, end, now)
+        self._schedule_index_write()
+        raise StoreUnavailable("Redis index write failed")
 
     async def _delivery(self, flat: Sequence[Any], connection_id: str) -> Delivery | None:
         """[inst, sock, id, receivedAt, body, ...] -> Delivery."""
@@ -199,6 +244,13 @@ class DistributedStore:
     async def stop(self) -> None:
         if self._heartbeat.running:
             self._heartbeat.stop()
+        if self._index_call is not None and self._index_call.active():
+            self._index_call.cancel()
+        self._index_call = None
+        try:
+            await self.write_indexes()
+        except StoreUnavailable as e:
+            self._log.warn("index entries not written at stop: {error}", error=str(e))
         try:
             await self.redis.execute(["ZREM", INSTANCES, self.instance_id], key=INSTANCES)
         except RedisError:
@@ -262,13 +314,7 @@ class DistributedStore:
                 cutoff,
             ],
         )
-        old_key = f"mpr:old:{{{bucket(message.connection_id)}}}"
-        d = Deferred.fromCoroutine(
-            self.redis.execute(
-                ["ZADD", old_key, message.received_at_ms, f"{message.connection_id}\n{message.id}"], key=old_key
-            )
-        )
-        d.addErrback(lambda f: self._log.warn("persister index write failed: {e}", e=f.getErrorMessage()))
+        self._index_old(message)
         kind = _text(reply[0])
         if kind == "d":
             target = SocketRef(_text(reply[1]), _text(reply[2]))
@@ -351,6 +397,7 @@ class DistributedStore:
 
     async def release_expired(self, lease: Lease) -> list[Delivery]:
         """Sweep the lease-due buckets this instance can claim for this tick."""
+        await self.write_indexes()
         results = await DeferredList(
             [Deferred.fromCoroutine(self._sweep_bucket(n, lease)) for n in range(BUCKETS)], consumeErrors=True
         )
@@ -422,6 +469,7 @@ class DistributedStore:
         """Move payloads older than the threshold to MongoDB; returns how many moved. Idempotent and
         safe to interrupt anywhere: Mongo upsert first, then the Redis body is dropped only if the
         message is still there, then the index entry goes."""
+        await self.write_indexes()
         moved = 0
         for n in range(BUCKETS):
             key = f"mpr:old:{{{n}}}"

@@ -372,13 +372,16 @@ return 1
 """)
 
 # Scripts on one index key (KEYS[1]), outside any connection.
-# Lease-due index: ARGV connection, lease end, now. Keep the earliest end, but replace an entry
-# that is already due (the sweeper may be about to drop it).
-INDEX_LEASE = Script(r"""
-local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-local ends, now = tonumber(ARGV[2]), tonumber(ARGV[3])
-if not s or tonumber(s) > ends or tonumber(s) <= now then
-  redis.call('ZADD', KEYS[1], ends, ARGV[1])
+# Lease-due index: ARGV now, then (connection, lease end) pairs. Keep the earliest end, but
+# replace an entry that is already due (the sweeper may be about to drop it).
+INDEX_LEASES = Script(r"""
+local now = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  local ends = tonumber(ARGV[i + 1])
+  if not s or tonumber(s) > ends or tonumber(s) <= now then
+    redis.call('ZADD', KEYS[1], ends, ARGV[i])
+  end
 end
 return 0
 """)
