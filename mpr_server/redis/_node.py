@@ -19,12 +19,13 @@ from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .errors import RedisNotConnected, RedisResponseError, RedisUnavailable
 from .url import Address
@@ -63,9 +64,27 @@ class ConnectionSettings:
     ping_interval: float | None = 15.0
 
 
+@implementer(IStreamClientEndpoint)
+class _NoDelayEndpoint:
+    """TCP endpoint whose connections have Nagle's algorithm off: commands are small and
+    pipelined, and must not wait for the ACK of the previous one."""
+
+    def __init__(self, inner: IStreamClientEndpoint) -> None:
+        self._inner = inner
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        def no_delay(protocol: IProtocol) -> IProtocol:
+            set_no_delay = getattr(getattr(protocol, "transport", None), "setTcpNoDelay", None)
+            if set_no_delay is not None:
+                set_no_delay(True)
+            return protocol
+
+        return self._inner.connect(protocolFactory).addCallback(no_delay)
+
+
 def make_endpoint(reactor: Any, address: Address, settings: ConnectionSettings) -> IStreamClientEndpoint:
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(
-        reactor, address.host, address.port, timeout=settings.connect_timeout
+    endpoint: IStreamClientEndpoint = _NoDelayEndpoint(
+        HostnameEndpoint(reactor, address.host, address.port, timeout=settings.connect_timeout)
     )
     if settings.tls is not None:
         endpoint = wrapClientTLS(settings.tls.connection_creator(address.host), endpoint)
