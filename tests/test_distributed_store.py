@@ -148,3 +148,18 @@ async def test_evicting_redis_is_refused_unless_allowed(reactor: Any, mongod: Mo
         await allowed.stop()
     finally:
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_socket_tracking_forgets_ended_leases_but_keeps_sessions(tiered: DistributedStore) -> None:
+    c, live = cid(), cid()
+    await add(tiered, c, 1)
+    await tiered.take(TakeQuery(c), A, lease())
+    await tiered.add_session(live, "s", A, lease())
+    assert set(tiered._socket_connections[A]) == {c, live}
+    much_later = T0 + LEASE_MS + 120_000
+    await tiered.release_expired(lease(much_later))
+    # A long-lived mediator socket must not accumulate every connection it ever touched.
+    assert set(tiered._socket_connections[A]) == {live}
+    assert await tiered.remove_session(live, A, None)
+    assert live not in tiered._socket_connections.get(A, {})

@@ -39,6 +39,8 @@ from mpr_server.stores.mongo import ColdMessage, ColdStore
 
 BUCKETS = 16
 INDEX_BATCH_S = 0.05  # index entries are written at most this long after their script
+SESSION_HELD = 2**62  # tracking "lease end" of a session: until it is removed or its socket goes
+PRUNE_INTERVAL_MS = 60_000
 INSTANCES = "mpr:instances"
 LocalNotify = Callable[[str, Sequence[bytes]], None]
 
@@ -99,8 +101,10 @@ class DistributedStore:
         self._timeout = timeout_s
         self._live: list[str] = [instance_id]
         self._live_json = orjson.dumps(self._live).decode()
-        # Connections where a local socket holds leases or a session: where to look when it goes.
-        self._socket_connections: defaultdict[SocketRef, set[str]] = defaultdict(set)
+        # Connections where a local socket holds a session (until removed) or leases (until they
+        # end): where to look when the socket goes. Ended entries are pruned now and then.
+        self._socket_connections: defaultdict[SocketRef, dict[str, int]] = defaultdict(dict)
+        self._next_prune_ms = 0
         self.on_notification: LocalNotify | None = None
         # Index entries waiting for the next batched write: bucket -> ZADD args / connection -> end.
         self._old_queue: defaultdict[int, list[Any]] = defaultdict(list)
@@ -148,9 +152,22 @@ class DistributedStore:
             out.append(QueuedMessage(message_id, received_at, payload))
         return out
 
-    def _track(self, holder: SocketRef | None, connection_id: str) -> None:
+    def _track(self, holder: SocketRef | None, connection_id: str, until_ms: int) -> None:
         if holder is not None and holder.instance == self.instance_id:
-            self._socket_connections[holder].add(connection_id)
+            held = self._socket_connections[holder]
+            if held.get(connection_id, 0) < until_ms:
+                held[connection_id] = until_ms
+
+    def _prune_tracking(self, now_ms: int) -> None:
+        if now_ms < self._next_prune_ms:
+            return
+        self._next_prune_ms = now_ms + PRUNE_INTERVAL_MS
+        for holder, held in list(self._socket_connections.items()):
+            for connection_id, until_ms in list(held.items()):
+                if until_ms < now_ms:
+                    del held[connection_id]
+            if not held:
+                del self._socket_connections[holder]
 
     def _index_lease(self, connection_id: str, until_ms: int, now_ms: int) -> None:
         """Record a lease end for the sweeper (batched)."""
@@ -197,13 +214,13 @@ class DistributedStore:
         self._schedule_index_write()
         raise StoreUnavailable("Redis index write failed")
 
-    async def _delivery(self, flat: Sequence[Any], connection_id: str) -> Delivery | None:
-        """[inst, sock, id, receivedAt, body, ...] -> Delivery."""
+    async def _delivery(self, flat: Sequence[Any], connection_id: str, until_ms: int) -> Delivery | None:
+        """[inst, sock, id, receivedAt, body, ...] leased until ``until_ms`` -> Delivery."""
         if not flat:
             return None
         target = SocketRef(_text(flat[0]), _text(flat[1]))
         messages = await self._complete(self._messages(flat, 2))
-        self._track(target, connection_id)
+        self._track(target, connection_id, until_ms)
         return Delivery(target, connection_id, messages) if messages else None
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -292,7 +309,8 @@ class DistributedStore:
         except (ValueError, TypeError):
             self._log.warn("ignoring a malformed notification on {channel}", channel=channel)
             return
-        self._track(SocketRef(self.instance_id, socket_id), connection_id)
+        until_ms = int(self._reactor.seconds() * 1000) + self._lease_ms
+        self._track(SocketRef(self.instance_id, socket_id), connection_id, until_ms)
         if self.on_notification is not None:
             self.on_notification(socket_id, frames)
 
@@ -318,7 +336,7 @@ class DistributedStore:
         kind = _text(reply[0])
         if kind == "d":
             target = SocketRef(_text(reply[1]), _text(reply[2]))
-            self._track(target, message.connection_id)
+            self._track(target, message.connection_id, lease.until_ms)
             self._index_lease(message.connection_id, lease.until_ms, lease.now_ms)
             queued = QueuedMessage(message.id, message.received_at_ms, message.payload)
             return AddResult(delivery=Delivery(target, message.connection_id, (queued,)))
@@ -350,7 +368,7 @@ class DistributedStore:
         if offloaded:
             await self.cold.delete(offloaded)
         if lease_holder and messages:
-            self._track(holder, query.connection_id)
+            self._track(holder, query.connection_id, lease.until_ms)
             self._index_lease(query.connection_id, lease.until_ms, lease.now_ms)
         return messages
 
@@ -380,15 +398,19 @@ class DistributedStore:
             connection_id,
             [session_id, holder.instance, holder.socket, lease.now_ms, lease.until_ms],
         )
-        self._track(holder, connection_id)
+        self._track(holder, connection_id, SESSION_HELD)
         if not reply:
             return None
         self._index_lease(connection_id, lease.until_ms, lease.now_ms)
-        return await self._delivery([holder.instance, holder.socket, *reply], connection_id)
+        return await self._delivery([holder.instance, holder.socket, *reply], connection_id, lease.until_ms)
 
     async def remove_session(self, connection_id: str, holder: SocketRef, session_id: str | None) -> bool:
         reply = await self._run(lua.REMOVE_SESSION, connection_id, [holder.key(), session_id or ""])
-        return bool(int(reply))
+        removed = bool(int(reply))
+        if removed and session_id is None:
+            # The caller held it; the script released every lease it had on the connection.
+            self._socket_connections.get(holder, {}).pop(connection_id, None)
+        return removed
 
     async def has_session(self, connection_id: str) -> bool:
         now = int(self._reactor.seconds() * 1000)
@@ -397,6 +419,7 @@ class DistributedStore:
 
     async def release_expired(self, lease: Lease) -> list[Delivery]:
         """Sweep the lease-due buckets this instance can claim for this tick."""
+        self._prune_tracking(lease.now_ms)
         await self.write_indexes()
         results = await DeferredList(
             [Deferred.fromCoroutine(self._sweep_bucket(n, lease)) for n in range(BUCKETS)], consumeErrors=True
@@ -427,7 +450,7 @@ class DistributedStore:
             )
             next_end = "" if reply[0] is None else str(int(reply[0]))
             await self.redis.eval_script(lua.INDEX_SWEPT, [key], [connection_id, seen, next_end])
-            delivery = await self._delivery(reply[1:], connection_id)
+            delivery = await self._delivery(reply[1:], connection_id, lease.until_ms)
             if delivery is not None:
                 deliveries.append(delivery)
         return deliveries
@@ -446,7 +469,7 @@ class DistributedStore:
             )
             if int(reply[0]):
                 dropped.append(connection_id)
-            delivery = await self._delivery(reply[2:], connection_id)
+            delivery = await self._delivery(reply[2:], connection_id, lease.until_ms)
             if delivery is not None:
                 deliveries.append(delivery)
                 self._index_lease(connection_id, lease.until_ms, lease.now_ms)
@@ -458,7 +481,7 @@ class DistributedStore:
             reply = await self._run(lua.ATTACH, connection_id, [holder.key(), lease.until_ms])
             if reply:
                 self._index_lease(connection_id, lease.until_ms, lease.now_ms)
-                delivery = await self._delivery([holder.instance, holder.socket, *reply], connection_id)
+                delivery = await self._delivery([holder.instance, holder.socket, *reply], connection_id, lease.until_ms)
                 if delivery is not None:
                     deliveries.append(delivery)
         return deliveries
