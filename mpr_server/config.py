@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from mpr_server.auth import AuthSettings
 from mpr_server.push.settings import PushSettings
 
 
@@ -131,6 +132,20 @@ SETTINGS: tuple[Setting, ...] = (
         " the sessions of a previous run are recognised as dead",
     ),
     Setting(
+        "MPR_AUTH_TOKENS",
+        "",
+        _text,
+        "comma-separated shared secrets; when set (or MPR_AUTH_JWT_KEY), mediators must present one as"
+        " ?token= or Authorization: Bearer",
+    ),
+    Setting(
+        "MPR_AUTH_JWT_KEY",
+        "",
+        _text,
+        "accept JWTs (with exp) signed with this HS256 secret, or with the key in this PEM file for RS256/ES256",
+    ),
+    Setting("MPR_AUTH_JWT_AUDIENCE", "", _text, "required aud claim of mediator JWTs (empty: not checked)"),
+    Setting(
         "MESSAGE_LEASE_MS",
         "60000",
         _bounded(1000),
@@ -217,6 +232,7 @@ class Config:
     mongodb_uri: str
     threshold_timestamp: int
     push: PushSettings
+    auth: AuthSettings
 
 
 def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config:
@@ -271,6 +287,7 @@ def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config
         apns_port=parsed["APNS_PORT"],
         push_ca_file=parsed["PUSH_CA_FILE"] or None,
     )
+    auth = _auth_settings(parsed)
     return Config(
         ws_endpoint=parsed["WS_ENDPOINT"] or f"tcp:{parsed['WS_PORT']}:backlog=511",
         ws_port=parsed["WS_PORT"],
@@ -295,7 +312,28 @@ def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config
         mongodb_uri=parsed["MONGODB_URI"],
         threshold_timestamp=parsed["THRESHOLD_TIMESTAMP"],
         push=push,
+        auth=auth,
     )
+
+
+def _auth_settings(parsed: Mapping[str, Any]) -> AuthSettings:
+    tokens = tuple(t.strip() for t in parsed["MPR_AUTH_TOKENS"].split(",") if t.strip())
+    if any(len(t) < 16 for t in tokens):
+        raise ConfigError("MPR_AUTH_TOKENS entries must be at least 16 characters long")
+    key = parsed["MPR_AUTH_JWT_KEY"] or None
+    algorithms: tuple[str, ...] = ("HS256",)
+    if key is not None and os.path.isfile(key):
+        try:
+            with open(key) as f:
+                key = f.read()
+        except OSError as e:
+            raise ConfigError(f"MPR_AUTH_JWT_KEY: cannot read {key}: {e}") from None
+        if "PUBLIC KEY" not in key:
+            raise ConfigError("MPR_AUTH_JWT_KEY file must hold a PEM public key (RS256/ES256)")
+        algorithms = ("RS256", "ES256")
+    elif key is not None and len(key) < 32:
+        raise ConfigError("MPR_AUTH_JWT_KEY as an HS256 secret must be at least 32 characters long")
+    return AuthSettings(tokens, key, algorithms, parsed["MPR_AUTH_JWT_AUDIENCE"] or None)
 
 
 class Options(usage.Options):

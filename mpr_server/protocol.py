@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mpr_server.auth import AuthenticationFailed, Authenticator, AuthSettings
 from mpr_server.rpc import CallContext, Dispatcher
 from mpr_server.service import PickupService
 
@@ -69,6 +70,11 @@ class MediatorProtocol(WebSocketServerProtocol):
         super().connectionMade()
 
     def onConnect(self, request: ConnectionRequest) -> None:
+        try:
+            self.factory.authenticator.check(request.params, request.headers)
+        except AuthenticationFailed as e:
+            self._log.warn("refused a mediator from {peer}: {reason}", peer=request.peer, reason=str(e))
+            raise ConnectionDeny(401, str(e)) from None
         requested = request.params.get("socket_id", [""])[0]
         if len(requested) > MAX_SOCKET_ID:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, f"socket_id longer than {MAX_SOCKET_ID} characters")
@@ -154,8 +160,10 @@ class MediatorFactory(WebSocketServerFactory):
         max_frame_bytes: int = 100 * 1024 * 1024,
         slow_reader_timeout_s: float = 30.0,
         max_blocked_bytes: int = 16 * 1024 * 1024,
+        authenticator: Authenticator | None = None,
     ) -> None:
         super().__init__(reactor=reactor)
+        self.authenticator = authenticator or Authenticator(AuthSettings())
         self.clock = reactor
         self.slow_reader_timeout_s = slow_reader_timeout_s
         self.max_blocked_bytes = max_blocked_bytes

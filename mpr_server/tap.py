@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from mpr_server import __version__
+from mpr_server.auth import Authenticator
 from mpr_server.config import Config, Options
 from mpr_server.http import make_site
 from mpr_server.metrics import Metrics
@@ -102,6 +103,7 @@ class MprService(MultiService):
             reactor,
             config.max_frame_bytes,
             slow_reader_timeout_s=config.slow_reader_timeout_ms / 1000,
+            authenticator=Authenticator(config.auth),
         )
         self.metrics.gauge("mpr_open_sockets", lambda: len(self.factory.sockets), "open mediator sockets")
         self.metrics.describe("mpr_push_total", "push notifications by provider and outcome")
