@@ -140,7 +140,7 @@ class MprService(MultiService):
         self._ports.append(http)
         self._log.info(
             "mpr-server {version} serving: store={store} websocket={ws} http={http} instance={instance}"
-            " (autobahn {autobahn} nvx={nvx})",
+            " auth={auth} (autobahn {autobahn} nvx={nvx})",
             version=__version__,
             store=self.store.name
             if self.store.name != "embedded"
@@ -148,6 +148,7 @@ class MprService(MultiService):
             ws=_address(ws),
             http=_address(http),
             instance=self.config.instance_id,
+            auth="on" if self.config.auth.enabled else "off",
             autobahn=autobahn_version,
             nvx=USES_NVX,
         )
