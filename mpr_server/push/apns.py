@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -26,6 +25,7 @@ from .model import (
     PushError,
     TemporaryPushError,
     parse_retry_after,
+    read_json_object,
     send_within,
 )
 from .settings import PushSettings
@@ -50,15 +50,7 @@ class ApnsCredentials:
 
 def load_apns_credentials(cfg_file: str, key_file: str) -> ApnsCredentials:
     """Read ``{keyId, teamId, production}`` and the ``.p8`` key; CredentialsError says what is wrong."""
-    try:
-        with open(cfg_file, "rb") as f:
-            cfg = json.load(f)
-    except OSError as e:
-        raise CredentialsError(f"cannot read {cfg_file}: {e.strerror or e}") from e
-    except ValueError as e:
-        raise CredentialsError(f"{cfg_file} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise CredentialsError(f"{cfg_file} is not a JSON object")
+    cfg = read_json_object(cfg_file)
     missing = [k for k in ("keyId", "teamId") if not isinstance(cfg.get(k), str) or not cfg[k]]
     if missing:
         raise CredentialsError(f"{cfg_file} lacks {', '.join(missing)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -25,6 +24,7 @@ from .model import (
     PushError,
     TemporaryPushError,
     parse_retry_after,
+    read_json_object,
     send_within,
 )
 from .settings import PushSettings
@@ -49,15 +49,7 @@ class ServiceAccount:
 
 def load_service_account(path: str) -> ServiceAccount:
     """Read a service-account JSON file; CredentialsError says what is wrong with it."""
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise CredentialsError(f"cannot read {path}: {e.strerror or e}") from e
-    except ValueError as e:
-        raise CredentialsError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise CredentialsError(f"{path} is not a JSON object")
+    data = read_json_object(path)
     missing = [k for k in ("project_id", "client_email", "private_key") if not isinstance(data.get(k), str)]
     if missing:
         raise CredentialsError(f"{path} lacks {', '.join(missing)}")

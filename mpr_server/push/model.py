@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -79,3 +80,17 @@ async def send_within(provider: str, attempt: Coroutine[Any, Any, None], timeout
         raise TemporaryPushError(f"{provider} request timed out") from e
     except Exception as e:
         raise TemporaryPushError(f"{provider} transport error: {e!r}") from e
+
+
+def read_json_object(path: str) -> dict[str, Any]:
+    """A credentials file's JSON object; CredentialsError says what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise CredentialsError(f"cannot read {path}: {e.strerror or e}") from e
+    except ValueError as e:
+        raise CredentialsError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CredentialsError(f"{path} is not a JSON object")
+    return data
