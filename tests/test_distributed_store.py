@@ -156,10 +156,13 @@ async def test_socket_tracking_forgets_ended_leases_but_keeps_sessions(tiered: D
     await add(tiered, c, 1)
     await tiered.take(TakeQuery(c), A, lease())
     await tiered.add_session(live, "s", A, lease())
-    assert set(tiered._socket_connections[A]) == {c, live}
+    assert {c, live} <= set(tiered._socket_connections[A])
     much_later = T0 + LEASE_MS + 120_000
     await tiered.release_expired(lease(much_later))
-    # A long-lived mediator socket must not accumulate every connection it ever touched.
-    assert set(tiered._socket_connections[A]) == {live}
+    # A long-lived mediator socket must not accumulate every connection it ever touched. (The
+    # sweep may have redelivered other tests' messages on the shared Redis to A: only c and
+    # live are this test's.)
+    assert c not in tiered._socket_connections[A]
+    assert live in tiered._socket_connections[A]
     assert await tiered.remove_session(live, A, None)
     assert live not in tiered._socket_connections.get(A, {})

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import txredisapi
 from twisted.application.internet import ClientService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTCP, IReactorTime, IStreamClientEndpoint
@@ -228,6 +228,11 @@ class _PubSubProtocol(txredisapi.RedisProtocol):
                     return
         self.replyQueue.put(reply)
 
+    def connectionMade(self) -> Any:
+        result = super().connectionMade()  # no AUTH/SELECT here (the owner does AUTH)
+        self.owner.connection_made(self)
+        return result
+
     def connectionLost(self, why: Failure) -> None:  # type: ignore[override]
         super().connectionLost(why)
         self.owner.connection_lost(self)
@@ -278,15 +283,19 @@ class PubSubConnection:
         self._on_reconnected = on_reconnected
         self._on_lost = on_lost
         self._on_channel_lost = on_channel_lost
-        self._proto: _PubSubProtocol | None = None
+        self._proto: _PubSubProtocol | None = None  # set once the handshake is done
+        self._ready_waiters: list[Deferred[_PubSubProtocol]] = []
+        self._handshake_failures = 0
         self._connected_before = False
         self._running = False
+        # No prepareConnection: ClientService neither closes a connection whose preparation
+        # failed nor expects it to close before preparation ends (automat NoTransition). The
+        # handshake runs from connectionMade instead and drops the connection if it fails.
         self._service = ClientService(
             make_endpoint(reactor, address, settings),
             _PubSubFactory(self, "utf-8" if settings.decode_responses else None),
             retryPolicy=self._retry_delay,
             clock=reactor,
-            prepareConnection=self._prepare,
         )
         self._pinger: LoopingCall | None = None
 
@@ -295,6 +304,8 @@ class PubSubConnection:
         return self._proto is not None
 
     def _retry_delay(self, attempt: int) -> float:
+        # ClientService counts failed connects only; failed handshakes count too
+        attempt += self._handshake_failures
         delay = min(self._settings.reconnect_max_delay, 0.05 * 2 ** min(attempt, 16))
         return delay * random.uniform(0.8, 1.2)
 
@@ -327,10 +338,21 @@ class PubSubConnection:
 
     # -- connection set-up
 
-    def _prepare(self, proto: object) -> Deferred[None]:
-        d = Deferred.fromCoroutine(self._handshake(cast(_PubSubProtocol, proto)))
+    def connection_made(self, proto: _PubSubProtocol) -> None:
+        d = Deferred.fromCoroutine(self._handshake(proto))
         d.addTimeout(self._settings.connect_timeout, self._reactor)
-        return d
+        d.addErrback(self._handshake_failed, proto)
+
+    def _handshake_failed(self, failure: Failure, proto: _PubSubProtocol) -> None:
+        self._handshake_failures += 1
+        transport = proto.transport
+        if transport is not None and proto.connected:
+            self._log.warn(
+                "Redis pub/sub connection to {address} failed to set up: {error}; reconnecting",
+                address=str(self.address),
+                error=failure.getErrorMessage() or repr(failure.value),
+            )
+            cast(Any, transport).abortConnection()
 
     async def _handshake(self, proto: _PubSubProtocol) -> None:
         if self._settings.password is not None:
@@ -351,7 +373,14 @@ class PubSubConnection:
                 )
                 self.channels.discard((channel, sharded))
                 self._on_channel_lost(self, channel, sharded)
+        if not proto.connected:
+            raise RedisUnavailable(f"Redis {self.address}: connection lost during the pub/sub set-up")
         self._proto = proto
+        self._handshake_failures = 0
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(proto)
         if self._connected_before:
             self._log.info("Redis pub/sub connection to {address} re-established", address=str(self.address))
             self._on_reconnected(self, sorted(self.channels))
@@ -392,12 +421,20 @@ class PubSubConnection:
         self.channels.add((channel, sharded))
         self._start()
         try:
-            proto = cast(_PubSubProtocol, await self._service.whenConnected())
+            proto = await self._when_ready()
             # the handshake may have subscribed it already: a second SUBSCRIBE is harmless
             await self._send_subscribe(proto, channel, sharded)
         except BaseException:
             self.channels.discard((channel, sharded))
             raise
+
+    def _when_ready(self) -> Deferred[_PubSubProtocol]:
+        """The connection once its handshake is done (waits across reconnects)."""
+        if self._proto is not None:
+            return succeed(self._proto)
+        d: Deferred[_PubSubProtocol] = Deferred()
+        self._ready_waiters.append(d)
+        return d
 
     async def unsubscribe(self, channel: str, sharded: bool) -> None:
         """Forget the channel and tell the server if connected (best effort)."""
@@ -421,6 +458,9 @@ class PubSubConnection:
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         self._proto = None
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.cancel()
         await self._service.stopService()
 
 

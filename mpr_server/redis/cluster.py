@@ -233,6 +233,11 @@ class ClusterRedisClient(_ClientBase):
                 # the node may be failing over, so look at the map again
                 self._refresh_in_background()
                 raise
+            except CancelledError:
+                # the caller's timeout: a hung or partitioned node keeps its connections
+                # open while the cluster fails it over; only a fresh map moves us away
+                self._refresh_in_background()
+                raise
         raise RedisUnavailable(f"Redis Cluster: too many redirects for {_name(args)}")
 
     def _redirect(self, error: RedisResponseError) -> tuple[int, Address]:
