@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.protocols import portforward
 
 from mpr_server.redis import (
@@ -20,41 +19,8 @@ from mpr_server.redis import (
     key_slot,
 )
 from mpr_server.redis.cluster import parse_cluster_slots
+from tests.redis.events import WAIT, Event, Inbox
 from tests.services import RedisCluster
-
-WAIT = 5.0
-
-
-class Inbox:
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.queue: DeferredQueue[tuple[str, Any]] = DeferredQueue()
-
-    def __call__(self, channel: str, message: Any) -> None:
-        self.queue.put((channel, message))
-
-    async def next(self, timeout: float = WAIT) -> tuple[str, Any]:
-        d = self.queue.get()
-        d.addTimeout(timeout, self.reactor)
-        return await d
-
-
-class Event:
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.calls = 0
-        self._waiting: list[Deferred[None]] = []
-
-    def __call__(self) -> None:
-        self.calls += 1
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
-
-    def wait(self, timeout: float = WAIT) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self._waiting.append(d)
-        return d.addTimeout(timeout, self.reactor)
 
 
 @pytest_twisted.async_yield_fixture

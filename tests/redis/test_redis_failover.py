@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
@@ -35,6 +35,7 @@ from mpr_server.redis import (
 )
 from mpr_server.stores.base import StoreUnavailable, TakeQuery
 from mpr_server.stores.distributed import tag as connection_tag
+from tests.redis.events import Inbox
 from tests.services import Mongo, start_or_skip
 from tests.store_contract import T0, A, add, cid, ids, lease
 from tests.test_distributed_store import make_store
@@ -151,20 +152,6 @@ async def until_it_works(reactor: Any, attempt: Callable[[], Awaitable[T]], limi
             await deferLater(reactor, PAUSE_S, lambda: None)
             continue
         return Recovery(value, time.monotonic() - start, errors)
-
-
-class Inbox:
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.queue: DeferredQueue[tuple[str, Any]] = DeferredQueue()
-
-    def __call__(self, channel: str, message: Any) -> None:
-        self.queue.put((channel, message))
-
-    async def next(self, timeout: float = WAIT) -> tuple[str, Any]:
-        d = self.queue.get()
-        d.addTimeout(timeout, self.reactor)
-        return await d
 
 
 class Counter:
