@@ -3,10 +3,12 @@ MongoDB, all real servers started by tests/services.py. Plus the tiering (persis
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 import pytest_twisted
 from twisted.logger import capturedLogs, formatEvent
@@ -166,3 +168,39 @@ async def test_socket_tracking_forgets_ended_leases_but_keeps_sessions(tiered: D
     assert live in tiered._socket_connections[A]
     assert await tiered.remove_session(live, A, None)
     assert live not in tiered._socket_connections.get(A, {})
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_left_by_an_original_deployment_are_queued_again(tiered: DistributedStore) -> None:
+    c = cid()
+    ours = await add(tiered, c, 0, now=T0 + 30_000)  # queued after the upgrade
+    await persist_all(tiered, T0 + 60_000)  # our own documents must not be imported twice
+    base = datetime.datetime(2025, 1, 27, 16, 20, tzinfo=datetime.UTC)
+    originals = [
+        {
+            "messageId": f"6797b1a5c2e4b0a1b2c3d4e{n}",
+            "connectionId": c,
+            "recipientKeys": ["did:key:alice"],
+            "encryptedMessage": {"protected": f"orig{n}", "iv": "aa", "ciphertext": "bb", "tag": "cc"},
+            "state": "pending",
+            "createdAt": base + datetime.timedelta(seconds=n),
+            "updatedAt": base,
+        }
+        for n in (2, 1, 3)  # inserted out of time order
+    ]
+    await tiered.cold._collection.insert_many(originals)
+    assert await tiered.import_originals_once() == 3
+    assert await tiered.import_originals_once() == 0  # resumes after the last one
+    assert await tiered.count(c, "did:key:alice", T0) == 4
+    taken = await tiered.take(TakeQuery(c, limit=3), A, lease())
+    assert [m.payload for m in taken] == [
+        orjson.dumps(originals[1]["encryptedMessage"]),
+        orjson.dumps(originals[0]["encryptedMessage"]),
+        orjson.dumps(originals[2]["encryptedMessage"]),
+    ]
+    assert [m.received_at_ms for m in taken] == [
+        int((base + datetime.timedelta(seconds=n)).timestamp() * 1000) for n in (1, 2, 3)
+    ]
+    await tiered.remove(c, ids(taken))
+    assert await tiered.cold.payloads(ids(taken)) == {}
+    assert ids(await tiered.take(TakeQuery(c), A, lease())) == [ours.id]

@@ -41,6 +41,7 @@ BUCKETS = 16
 INDEX_BATCH_S = 0.05  # index entries are written at most this long after their script
 SESSION_HELD = 2**62  # tracking "lease end" of a session: until it is removed or its socket goes
 PRUNE_INTERVAL_MS = 60_000
+IMPORT_INTERVAL_S = 600.0  # how often to look for documents of an original deployment
 INSTANCES = "mpr:instances"
 LocalNotify = Callable[[str, Sequence[bytes]], None]
 
@@ -531,6 +532,36 @@ class DistributedStore:
         await self._exec(["ZREM", key, *gone], key)
         return len(found)
 
+    async def import_originals_once(self, batch: int = 500) -> int:
+        """Queue again the messages an original MPR deployment left in MongoDB (documents we did
+        not write), resuming after the last one imported; returns how many were seen. Safe to
+        repeat and to run on every instance (claimed, idempotent per message)."""
+        if not await self._claim("import", 120_000):
+            return 0
+        cursor_key = "mpr:import:last"
+        try:
+            after = await self._exec(["GET", cursor_key], cursor_key)
+            documents = await self.cold.originals(_text(after) if after else None, batch)
+            imported = 0
+            for _, message in documents:
+                if message is None:
+                    continue
+                dids = orjson.dumps(list(message.recipient_dids))
+                reply = await self._run(
+                    lua.IMPORT,
+                    message.connection_id,
+                    [message.message_id, message.received_at_ms, len(message.payload), dids],
+                )
+                imported += int(reply)
+            if documents:
+                await self._exec(["SET", cursor_key, documents[-1][0]], cursor_key)
+            if imported:
+                self._log.info("queued {n} messages left in MongoDB by an earlier deployment", n=imported)
+            return len(documents)
+        finally:
+            lock = "mpr:lock:import"
+            await self._exec(["DEL", lock], lock)
+
     async def before_offload_done(self) -> None:
         """A seam for fault-injection tests: runs between the MongoDB write and the Redis removal."""
 
@@ -559,13 +590,19 @@ class Persister(LoopingCall):
         self.clock = clock
         self._store = store
         self.interval_s = interval_s
+        self._next_import = 0.0
 
     def _tick(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._run_once())
 
     async def _run_once(self) -> None:
+        now = self.clock.seconds()
         try:
-            moved = await self._store.persist_once(int(self.clock.seconds() * 1000))
+            moved = await self._store.persist_once(int(now * 1000))
+            if now >= self._next_import:
+                # Documents of an original deployment: all of them at start-up, then new ones.
+                seen = await self._store.import_originals_once()
+                self._next_import = now if seen else now + IMPORT_INTERVAL_S
         except Exception as e:
             self._log.warn("persister tick failed, the next tick retries: {error}", error=f"{type(e).__name__}: {e}")
             return

@@ -50,6 +50,7 @@ from zope.interface import implementer
 from mpr_server.stores.base import StoreUnavailable
 
 COLLECTION = "storequeuedmessages"
+MARK = "mpr"  # set on the documents we write, so that documents of the original server stand out
 DEFAULT_DB = "MessagePickupRepository"
 
 _log = Logger()
@@ -535,6 +536,7 @@ class ColdStore:
                         "state": "pending",
                         "createdAt": datetime.datetime.fromtimestamp(m.received_at_ms / 1000, datetime.UTC),
                         "updatedAt": now,
+                        MARK: 1,
                     }
                 },
                 upsert=True,
@@ -552,6 +554,36 @@ class ColdStore:
             "read",
         )
         return {doc["messageId"]: orjson.dumps(doc["encryptedMessage"]) for doc in docs}
+
+    async def originals(self, after: str | None, limit: int) -> list[tuple[str, ColdMessage | None]]:
+        """Documents written by the original server (not by us), in insertion order after the
+        ObjectId ``after``: what an upgraded deployment must put back in the queue. An unreadable
+        document comes as None (logged), so that the caller moves past it."""
+        from bson import ObjectId
+
+        query: dict[str, Any] = {MARK: {"$exists": False}}
+        if after:
+            query["_id"] = {"$gt": ObjectId(after)}
+        docs = await self._timed(self._collection.find(query, sort=sort(ASCENDING("_id")), limit=limit), "read")
+        found: list[tuple[str, ColdMessage | None]] = []
+        for doc in docs:
+            try:
+                created = doc["createdAt"]
+                message = ColdMessage(
+                    message_id=str(doc["messageId"]),
+                    connection_id=str(doc["connectionId"]),
+                    recipient_dids=[str(k) for k in doc.get("recipientKeys") or []],
+                    payload=orjson.dumps(doc["encryptedMessage"]),
+                    received_at_ms=int(created.timestamp() * 1000)
+                    if isinstance(created, datetime.datetime)
+                    else int(created),
+                )
+            except (KeyError, TypeError, ValueError, orjson.JSONEncodeError) as e:
+                _log.warn("skipping unreadable document {id} in {c}: {e}", id=str(doc.get("_id")), c=COLLECTION, e=e)
+                found.append((str(doc["_id"]), None))
+                continue
+            found.append((str(doc["_id"]), message))
+        return found
 
     async def delete(self, message_ids: Sequence[str]) -> None:
         if message_ids:

@@ -371,6 +371,17 @@ redis.call('HDEL', KB, ARGV[1], ARGV[1] .. '#')
 return 1
 """)
 
+# A message the original server persisted to MongoDB, put back in the queue (its payload stays
+# in MongoDB). Its sequence number is derived from its time and is negative, so it sorts before
+# everything queued since the upgrade. ARGV: id, receivedAt, size, dids_json -> 1 | 0 known
+IMPORT = _script(r"""
+if redis.call('HEXISTS', KM, ARGV[1]) == 1 then return 0 end
+local seq = tonumber(ARGV[2]) - 10000000000000
+redis.call('HSET', KM, ARGV[1], '[' .. seq .. ',' .. ARGV[2] .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ']')
+redis.call('ZADD', KP, seq, ARGV[1])
+return 1
+""")
+
 # Scripts on one index key (KEYS[1]), outside any connection.
 # Lease-due index: ARGV now, then (connection, lease end) pairs. Keep the earliest end, but
 # replace an entry that is already due (the sweeper may be about to drop it).
