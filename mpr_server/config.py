@@ -165,6 +165,12 @@ SETTINGS: tuple[Setting, ...] = (
         "a mediator that does not read its replies for this long (or lets 16 MiB of notifications pile up"
         " meanwhile) is disconnected",
     ),
+    Setting(
+        "MAX_QUEUED_MESSAGES",
+        "0",
+        _bounded(0),
+        "per-connection cap on queued messages; addMessage beyond it gets error -32001 Queue full (0: no cap)",
+    ),
     Setting("MAX_FRAME_BYTES", str(100 * MiB), _bounded(1024), "largest accepted WebSocket frame/message"),
     Setting(
         "CALL_TIMEOUT_MS",
@@ -221,6 +227,7 @@ class Config:
     session_grace_ms: int
     max_message_bytes: int
     max_frame_bytes: int
+    max_queued_messages: int
     slow_reader_timeout_ms: int
     call_timeout_ms: int
     redis_type: str
@@ -301,6 +308,7 @@ def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config
         session_grace_ms=parsed["SESSION_GRACE_MS"],
         max_message_bytes=parsed["MAX_MESSAGE_BYTES"],
         max_frame_bytes=parsed["MAX_FRAME_BYTES"],
+        max_queued_messages=parsed["MAX_QUEUED_MESSAGES"],
         slow_reader_timeout_ms=parsed["SLOW_READER_TIMEOUT_MS"],
         call_timeout_ms=parsed["CALL_TIMEOUT_MS"],
         redis_type=parsed["REDIS_TYPE"],

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from mpr_server.metrics import Metrics
 from mpr_server.push.model import PushToken
 from mpr_server.service import PickupService
-from mpr_server.stores.base import StoreUnavailable, TakeQuery
+from mpr_server.stores.base import QueueFull, StoreUnavailable, TakeQuery
 
 EVENTS = ("messagesReceived",)
 MAX_INT = 2**31 - 1
@@ -246,6 +246,9 @@ class Dispatcher:
         except RpcError as e:
             self._metrics.inc("mpr_calls_total", method=method, outcome="invalid")
             return self._error(e, reply_id) if reply_id is not None else None
+        except QueueFull as e:
+            self._metrics.inc("mpr_calls_total", method=method, outcome="full")
+            return self._error(RpcError(-32001, "Queue full", {"details": str(e)}), reply_id) if reply_id else None
         except (StoreUnavailable, DeferredTimeout) as e:
             self._metrics.inc("mpr_calls_total", method=method, outcome="error")
             details = str(e) if isinstance(e, StoreUnavailable) else "the store did not answer in time"

@@ -45,6 +45,7 @@ class DomainSettings:
     lease_ms: int = 60_000
     session_grace_ms: int = 10_000
     sweep_interval_ms: int = 1_000
+    max_queued: int = 0  # per connection; 0 = no cap
 
 
 def notification_frames(connection_id: str, messages: Sequence[QueuedMessage]) -> list[bytes]:
@@ -216,7 +217,7 @@ class PickupService(Service):
             payload=payload,
             received_at_ms=int(now * 1000),
         )
-        result = await self.store.add(message, self._lease())
+        result = await self.store.add(message, self._lease(), self.settings.max_queued)
         if result.delivery is not None:
             self.deliver((result.delivery,))
         elif result.held_by is not None:

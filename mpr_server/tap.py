@@ -89,6 +89,7 @@ class MprService(MultiService):
                 instance_id=config.instance_id,
                 lease_ms=config.message_lease_ms,
                 session_grace_ms=config.session_grace_ms,
+                max_queued=config.max_queued_messages,
             ),
             pusher=self.push,
             remote_notify=remote_notify,

@@ -10,10 +10,11 @@ import uuid
 from typing import Any
 
 import orjson
+import pytest
 import pytest_twisted
 
 from mpr_server.model import NewMessage, ObjectIdFactory, SocketRef
-from mpr_server.stores.base import Lease, MessageStore, TakeQuery
+from mpr_server.stores.base import Lease, MessageStore, QueueFull, TakeQuery
 
 T0 = 1_764_000_000_000  # an arbitrary "now", epoch ms
 LEASE_MS = 60_000
@@ -287,6 +288,21 @@ class StoreContract:
         released = await store.release_socket(A, False, lease())
         assert list(released.dropped_connections) == [c]
         assert not await store.has_session(c)
+
+    @pytest_twisted.ensureDeferred
+    async def test_queue_cap_refuses_adds_beyond_it_and_counts_leased_messages(self, store: MessageStore) -> None:
+        c = cid()
+        for n in range(3):
+            message = NewMessage(IDS.new(T0 / 1000), c, ("did:key:alice",), payload(n), T0 + n)
+            await store.add(message, lease(), max_queued=3)
+        await store.take(TakeQuery(c, limit=1), A, lease())  # leased messages still count
+        refused = NewMessage(IDS.new(T0 / 1000), c, ("did:key:alice",), payload(9), T0 + 9)
+        with pytest.raises(QueueFull):
+            await store.add(refused, lease(), max_queued=3)
+        assert await store.count(c, None, T0) == 2
+        await store.remove(c, ids(await store.take(TakeQuery(c, limit=1), A, lease())))
+        await store.add(refused, lease(), max_queued=3)  # room again
+        assert await store.count(c, None, T0) == 2
 
     @pytest_twisted.ensureDeferred
     async def test_ping_answers(self, store: MessageStore) -> None:

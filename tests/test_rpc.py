@@ -6,6 +6,7 @@ Autobahn's WebSocket client. Bytes move only when the harness pumps them.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -419,3 +420,13 @@ async def _wait_failure(d: Deferred[Any]) -> Exception:
     except Exception as e:
         return e
     raise AssertionError("expected a failure")
+
+
+def test_full_queue_is_a_named_error_and_nothing_is_stored(h: Harness, c: RpcClient) -> None:
+    h.service.settings = dataclasses.replace(h.service.settings, max_queued=2)
+    for _ in range(2):
+        h.call(c, "addMessage", GOOD_ADD)
+    reply = h.request(c, "addMessage", GOOD_ADD)
+    assert error_of(reply) == (-32001, "Queue full")
+    assert "full" in reply["error"]["data"]["details"]
+    assert h.call(c, "getAvailableMessageCount", {"connectionId": "v"}) == 2

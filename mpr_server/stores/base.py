@@ -19,6 +19,10 @@ class StoreUnavailable(Exception):
     """The store cannot be reached or failed; the call may be retried later."""
 
 
+class QueueFull(Exception):
+    """The connection's queue holds the configured maximum number of messages."""
+
+
 @dataclass(frozen=True)
 class TakeQuery:
     connection_id: str
@@ -62,8 +66,9 @@ class MessageStore(Protocol):
     async def ping(self) -> None:
         """Return when the store answers; raise StoreUnavailable otherwise."""
 
-    async def add(self, message: NewMessage, lease: Lease) -> AddResult:
-        """Store ``message``. If a live session holds its connection and the session's socket is
+    async def add(self, message: NewMessage, lease: Lease, max_queued: int = 0) -> AddResult:
+        """Store ``message`` (raise QueueFull instead if ``max_queued`` > 0 and its connection holds
+        that many messages, pending or leased). If a live session holds its connection and the session's socket is
         present, lease the message to that socket and return the delivery; if the socket is away
         (grace period), leave it pending and report ``held_by``."""
 

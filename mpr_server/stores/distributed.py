@@ -34,7 +34,7 @@ from mpr_server.redis.client import RedisClient
 from mpr_server.redis.errors import RedisError, RedisResponseError
 from mpr_server.redis.script import Script
 from mpr_server.stores import redis_scripts as lua
-from mpr_server.stores.base import Lease, SocketRelease, StoreUnavailable, TakeQuery
+from mpr_server.stores.base import Lease, QueueFull, SocketRelease, StoreUnavailable, TakeQuery
 from mpr_server.stores.mongo import ColdMessage, ColdStore
 
 BUCKETS = 16
@@ -317,7 +317,7 @@ class DistributedStore:
 
     # -- MessageStore --------------------------------------------------------------------------------
 
-    async def add(self, message: NewMessage, lease: Lease) -> AddResult:
+    async def add(self, message: NewMessage, lease: Lease, max_queued: int = 0) -> AddResult:
         live, cutoff = self._liveness(lease.now_ms)
         reply = await self._run(
             lua.ADD,
@@ -331,10 +331,13 @@ class DistributedStore:
                 lease.until_ms,
                 live,
                 cutoff,
+                max_queued,
             ],
         )
-        self._index_old(message)
         kind = _text(reply[0])
+        if kind == "full":
+            raise QueueFull(f"the queue of connection {message.connection_id} is full ({max_queued} messages)")
+        self._index_old(message)
         if kind == "d":
             target = SocketRef(_text(reply[1]), _text(reply[2]))
             self._track(target, message.connection_id, lease.until_ms)

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mpr_server.model import AddResult, Delivery, NewMessage, QueuedMessage, SocketRef
-from mpr_server.stores.base import Lease, SocketRelease, StoreUnavailable, TakeQuery
+from mpr_server.stores.base import Lease, QueueFull, SocketRelease, StoreUnavailable, TakeQuery
 
 T = TypeVar("T")
 
@@ -225,8 +225,15 @@ class EmbeddedStore:
     async def ping(self) -> None:
         await self._submit(lambda db: db.execute("SELECT 1").fetchone())
 
-    async def add(self, message: NewMessage, lease: Lease) -> AddResult:
+    async def add(self, message: NewMessage, lease: Lease, max_queued: int = 0) -> AddResult:
         def op(db: sqlite3.Connection) -> AddResult:
+            if max_queued:
+                queued = db.execute(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE connection_id = ? LIMIT ?)",
+                    (message.connection_id, max_queued),
+                ).fetchone()[0]
+                if queued >= max_queued:
+                    raise QueueFull(f"the queue of connection {message.connection_id} is full ({max_queued} messages)")
             session = self._sessions.get(message.connection_id)
             holder = session.holder if session is not None and not session.away else None
             cursor = db.execute(

@@ -132,10 +132,12 @@ def _script(body: str) -> Script:
     return Script(PRELUDE + body)
 
 
-# ARGV: id, receivedAt, size, dids_json, payload, until, live, cutoff
-# -> {'d', inst, sock} leased to a live session | {'h', inst, sock} session away | {'n'}
+# ARGV: id, receivedAt, size, dids_json, payload, until, live, cutoff, max_queued (0: no cap)
+# -> {'d', inst, sock} leased to a live session | {'h', inst, sock} session away | {'n'} | {'full'}
 ADD = _script(r"""
 local id = ARGV[1]
+local cap = tonumber(ARGV[9])
+if cap > 0 and redis.call('HLEN', KM) >= cap then return {'full'} end
 local seq = redis.call('INCR', KN)
 redis.call('HSET', KM, id, '[' .. seq .. ',' .. ARGV[2] .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ']')
 redis.call('HSET', KB, id, ARGV[5])
