@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 
 import orjson
 
+from mpr_server.push.model import PushToken
+
 
 @dataclass(frozen=True)
 class SocketRef:
@@ -32,6 +34,7 @@ class NewMessage:
     recipient_dids: tuple[str, ...]
     payload: bytes  # compact JSON of the DIDComm JWE, key order preserved
     received_at_ms: int
+    push_token: PushToken | None = None  # the recipient's device, if the mediator gave one
 
     @property
     def size(self) -> int:
@@ -69,7 +72,8 @@ class AddResult:
 
     ``delivery`` is set when a live session held the connection (the message is then leased to it);
     ``held_by`` is set when a session exists but its socket is away (grace period): no push, no
-    notification now, the message stays pending until the socket returns.
+    notification now, the message stays pending until the socket returns; the store keeps its
+    push token and hands it back if the session ends without the socket returning.
     """
 
     delivery: Delivery | None = None

@@ -87,8 +87,6 @@ class PickupService(Service):
         self._ids = ObjectIdFactory()
         self._sinks: dict[str, list[NotificationSink]] = {}
         self._grace: dict[str, IDelayedCall] = {}
-        # socket id -> connection id -> (token, message id) of adds held during a grace period
-        self._held_pushes: dict[str, dict[str, tuple[PushToken, str]]] = {}
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = clock
 
@@ -136,7 +134,6 @@ class PickupService(Service):
         if grace is not None:
             if grace.active():
                 grace.cancel()
-            self._held_pushes.pop(socket_id, None)
             self._background(self._attach(socket_id), "re-attaching socket {socket_id}", socket_id)
 
     def socket_closed(self, socket_id: str, sink: NotificationSink, explicit_id: bool) -> None:
@@ -160,18 +157,12 @@ class PickupService(Service):
     async def _release(self, socket_id: str, keep_sessions: bool) -> None:
         released = await self.store.release_socket(self.holder(socket_id), keep_sessions, self._lease())
         self.deliver(released.deliveries)
-        if not keep_sessions:
-            self._push_held(socket_id, released.dropped_connections)
+        for token, message_id in released.held_pushes:
+            self._push(token, message_id)
 
     def _grace_ended(self, socket_id: str) -> None:
         self._grace.pop(socket_id, None)
         self._background(self._release(socket_id, False), "ending grace of socket {socket_id}", socket_id)
-
-    def _push_held(self, socket_id: str, dropped: Iterable[str]) -> None:
-        held = self._held_pushes.pop(socket_id, {})
-        for connection_id in dropped:
-            if connection_id in held:
-                self._push(*held[connection_id])
 
     def _background(self, coro: object, what: str, socket_id: str) -> None:
         d: Deferred[None] = Deferred.fromCoroutine(coro)  # type: ignore[arg-type]
@@ -216,14 +207,12 @@ class PickupService(Service):
             recipient_dids=tuple(recipient_dids),
             payload=payload,
             received_at_ms=int(now * 1000),
+            push_token=token,
         )
         result = await self.store.add(message, self._lease(), self.settings.max_queued)
         if result.delivery is not None:
             self.deliver((result.delivery,))
-        elif result.held_by is not None:
-            if token is not None and result.held_by.instance == self.settings.instance_id:
-                self._held_pushes.setdefault(result.held_by.socket, {})[connection_id] = (token, message.id)
-        elif token is not None:
+        elif result.held_by is None and token is not None:
             self._push(token, message.id)
         return message.id
 

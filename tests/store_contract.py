@@ -14,6 +14,7 @@ import pytest
 import pytest_twisted
 
 from mpr_server.model import NewMessage, ObjectIdFactory, SocketRef
+from mpr_server.push.model import PushToken
 from mpr_server.stores.base import Lease, MessageStore, QueueFull, TakeQuery
 
 T0 = 1_764_000_000_000  # an arbitrary "now", epoch ms
@@ -281,13 +282,31 @@ class StoreContract:
         assert ids(await store.take(TakeQuery(c), B, lease(later))) == [sent.id]
 
     @pytest_twisted.ensureDeferred
-    async def test_grace_period_end_drops_the_sessions(self, store: MessageStore) -> None:
+    async def test_grace_period_end_drops_the_sessions_and_hands_back_the_held_push(self, store: MessageStore) -> None:
+        c, quiet = cid(), cid()
+        await store.add_session(c, "s1", A, lease())
+        await store.add_session(quiet, "s2", A, lease())
+        await store.release_socket(A, True, lease())
+        for n in (1, 2):  # the last held push of a connection wins
+            token = PushToken("fcm", f"device-{n}")
+            message = NewMessage(IDS.new(T0 / 1000), c, ("did:key:alice",), payload(n), T0 + n, token)
+            assert (await store.add(message, lease())).held_by == A
+        await add(store, quiet, 3)  # no token: nothing to push
+        released = await store.release_socket(A, False, lease())
+        assert sorted(released.dropped_connections) == sorted([c, quiet])
+        assert list(released.held_pushes) == [(PushToken("fcm", "device-2"), message.id)]
+        assert not await store.has_session(c)
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_returning_socket_cancels_the_held_push(self, store: MessageStore) -> None:
         c = cid()
         await store.add_session(c, "s1", A, lease())
         await store.release_socket(A, True, lease())
-        released = await store.release_socket(A, False, lease())
-        assert list(released.dropped_connections) == [c]
-        assert not await store.has_session(c)
+        message = NewMessage(IDS.new(T0 / 1000), c, ("did:key:alice",), payload(1), T0, PushToken("apns", "d"))
+        await store.add(message, lease())
+        assert [ids(d.messages) for d in await store.attach_socket(A, lease())] == [[message.id]]
+        await store.release_socket(A, True, lease())
+        assert list((await store.release_socket(A, False, lease())).held_pushes) == []
 
     @pytest_twisted.ensureDeferred
     async def test_queue_cap_refuses_adds_beyond_it_and_counts_leased_messages(self, store: MessageStore) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mpr_server.model import AddResult, Delivery, NewMessage, QueuedMessage, SocketRef
+from mpr_server.push.model import PushToken
 
 
 class StoreUnavailable(Exception):
@@ -42,10 +43,12 @@ class Lease:
 
 @dataclass(frozen=True)
 class SocketRelease:
-    """Outcome of a socket going away: sessions it lost and redeliveries to other sessions."""
+    """Outcome of a socket going away: sessions it lost, redeliveries to other sessions, and the
+    pushes held back while the dropped sessions were away (token, message id)."""
 
     dropped_connections: Sequence[str]
     deliveries: Sequence[Delivery]
+    held_pushes: Sequence[tuple[PushToken, str]] = ()
 
 
 class MessageStore(Protocol):

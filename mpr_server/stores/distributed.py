@@ -30,6 +30,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mpr_server.model import AddResult, Delivery, NewMessage, QueuedMessage, SocketRef
+from mpr_server.push.model import PushToken
 from mpr_server.redis.client import RedisClient
 from mpr_server.redis.errors import RedisError, RedisResponseError
 from mpr_server.redis.script import Script
@@ -55,7 +56,14 @@ def tag(connection_id: str) -> str:
 
 def connection_keys(connection_id: str) -> list[str]:
     t = tag(connection_id)
-    return [f"mpr:{{{t}}}:{part}" for part in "plhmbsn"]
+    return [f"mpr:{{{t}}}:{part}" for part in "plhmbsnt"]
+
+
+def _token_json(message: NewMessage) -> bytes:
+    token = message.push_token
+    if token is None:
+        return b""
+    return orjson.dumps({"type": token.type, "token": token.token, "id": message.id})
 
 
 def bucket(connection_id: str) -> int:
@@ -332,6 +340,7 @@ class DistributedStore:
                 live,
                 cutoff,
                 max_queued,
+                _token_json(message),
             ],
         )
         kind = _text(reply[0])
@@ -464,7 +473,7 @@ class DistributedStore:
         if not keep_sessions:
             self._socket_connections.pop(holder, None)
         live, cutoff = self._liveness(lease.now_ms)
-        dropped, deliveries = [], []
+        dropped, deliveries, pushes = [], [], []
         for connection_id in connections:
             reply = await self._run(
                 lua.RELEASE_HOLDER,
@@ -473,11 +482,14 @@ class DistributedStore:
             )
             if int(reply[0]):
                 dropped.append(connection_id)
-            delivery = await self._delivery(reply[2:], connection_id, lease.until_ms)
+            if reply[1] is not None:
+                held = orjson.loads(_bytes(reply[1]))
+                pushes.append((PushToken(held["type"], held["token"]), held["id"]))
+            delivery = await self._delivery(reply[3:], connection_id, lease.until_ms)
             if delivery is not None:
                 deliveries.append(delivery)
                 self._index_lease(connection_id, lease.until_ms, lease.now_ms)
-        return SocketRelease(dropped, deliveries)
+        return SocketRelease(dropped, deliveries, pushes)
 
     async def attach_socket(self, holder: SocketRef, lease: Lease) -> list[Delivery]:
         deliveries = []

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mpr_server.model import AddResult, Delivery, NewMessage, QueuedMessage, SocketRef
+from mpr_server.push.model import PushToken
 from mpr_server.stores.base import Lease, QueueFull, SocketRelease, StoreUnavailable, TakeQuery
 
 T = TypeVar("T")
@@ -88,6 +89,8 @@ class EmbeddedStore:
         self._flush_call: IDelayedCall | None = None
         self._sessions: dict[str, _Session] = {}
         self._by_holder: defaultdict[SocketRef, set[str]] = defaultdict(set)
+        # the last push held back per connection while its session's socket was away
+        self._held: dict[str, tuple[PushToken, str]] = {}
 
     @property
     def path(self) -> str:
@@ -211,6 +214,7 @@ class EmbeddedStore:
         return deliveries
 
     def _drop_session(self, connection_id: str) -> _Session | None:
+        self._held.pop(connection_id, None)
         session = self._sessions.pop(connection_id, None)
         if session is not None:
             held = self._by_holder.get(session.holder)
@@ -259,6 +263,8 @@ class EmbeddedStore:
                 queued = QueuedMessage(message.id, message.received_at_ms, message.payload)
                 return AddResult(delivery=Delivery(holder, message.connection_id, (queued,)))
             if session is not None:
+                if message.push_token is not None:
+                    self._held[message.connection_id] = (message.push_token, message.id)
                 return AddResult(held_by=session.holder)
             return AddResult()
 
@@ -397,15 +403,19 @@ class EmbeddedStore:
                 (holder.key(),),
             ).fetchall()
             held = sorted(self._by_holder.get(holder, ()))
+            pushes = []
             if keep_sessions:
                 for connection_id in held:
                     self._sessions[connection_id].away = True
                 dropped: list[str] = []
             else:
                 for connection_id in held:
+                    push = self._held.get(connection_id)
+                    if push is not None:
+                        pushes.append(push)
                     self._drop_session(connection_id)
                 dropped = held
-            return SocketRelease(dropped, self._redeliver(db, rows, lease, skip=holder))
+            return SocketRelease(dropped, self._redeliver(db, rows, lease, skip=holder), pushes)
 
         return await self._submit(op)
 
@@ -414,6 +424,7 @@ class EmbeddedStore:
             deliveries = []
             for connection_id in sorted(self._by_holder.get(holder, ())):
                 self._sessions[connection_id].away = False
+                self._held.pop(connection_id, None)
                 rows = self._select_pending(db, connection_id, None, lease.now_ms, 0).fetchall()
                 if rows:
                     self._lease_to(db, rows, holder, lease.until_ms)

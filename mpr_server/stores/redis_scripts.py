@@ -11,6 +11,7 @@ Keys of a connection (KEYS, in this order, see ``ConnectionKeys``):
    "<id>#" while a copy to MongoDB may exist but the body is still here
 6. ``s`` session: HASH sid, inst, sock, away, at
 7. ``n`` sequence counter
+8. ``t`` the push held back while the session's socket is away: JSON {type, token, id}
 
 Liveness: scripts get the JSON list of live instances and a cutoff; a session or lease of an
 instance not in the list is dead unless it was made after the cutoff (a new instance may not yet
@@ -22,7 +23,7 @@ from __future__ import annotations
 from mpr_server.redis.script import Script
 
 PRELUDE = r"""
-local KP, KL, KH, KM, KB, KS, KN = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local KP, KL, KH, KM, KB, KS, KN, KT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 
 local function live_set(json)
   local set = {}
@@ -39,7 +40,7 @@ local function session(live, cutoff)
   local s = redis.call('HMGET', KS, 'sid', 'inst', 'sock', 'away', 'at')
   if not s[2] then return nil end
   if not live[s[2]] and tonumber(s[5]) < cutoff then
-    redis.call('DEL', KS)
+    redis.call('DEL', KS, KT)
     return nil
   end
   return s
@@ -132,7 +133,8 @@ def _script(body: str) -> Script:
     return Script(PRELUDE + body)
 
 
-# ARGV: id, receivedAt, size, dids_json, payload, until, live, cutoff, max_queued (0: no cap)
+# ARGV: id, receivedAt, size, dids_json, payload, until, live, cutoff, max_queued (0: no cap),
+#       push token JSON ('' for none; kept when the session is away)
 # -> {'d', inst, sock} leased to a live session | {'h', inst, sock} session away | {'n'} | {'full'}
 ADD = _script(r"""
 local id = ARGV[1]
@@ -148,7 +150,10 @@ if s and s[4] ~= '1' then
   return {'d', s[2], s[3]}
 end
 redis.call('ZADD', KP, seq, id)
-if s then return {'h', s[2], s[3]} end
+if s then
+  if ARGV[10] ~= '' then redis.call('SET', KT, ARGV[10]) end
+  return {'h', s[2], s[3]}
+end
 return {'n'}
 """)
 
@@ -248,7 +253,7 @@ return cjson.encode(offloaded)
 # ARGV: sid, inst, sock, now, until -> {id, receivedAt, body, ...} re-leased to the new holder
 ADD_SESSION = _script(r"""
 local holder = ARGV[2] .. '/' .. ARGV[3]
-redis.call('DEL', KS)
+redis.call('DEL', KS, KT)
 redis.call('HSET', KS, 'sid', ARGV[1], 'inst', ARGV[2], 'sock', ARGV[3], 'away', '0', 'at', ARGV[4])
 local ids = redis.call('ZRANGE', KL, 0, -1)
 for _, id in ipairs(ids) do
@@ -269,7 +274,7 @@ if sid ~= '' then
 elseif owner ~= holder then
   return 0
 end
-redis.call('DEL', KS)
+redis.call('DEL', KS, KT)
 local ids = redis.call('ZRANGE', KL, 0, -1)
 for _, id in ipairs(ids) do
   if redis.call('HGET', KH, id) == owner then release(id) end
@@ -314,7 +319,8 @@ return out
 )
 
 # ARGV: holder, keep ('1'|'0'), until, live, cutoff
-# -> {dropped (1|0), next lease end or false, [inst, sock, id, receivedAt, body, ...]}
+# -> {dropped (1|0), held push JSON or false, next lease end or false,
+#     [inst, sock, id, receivedAt, body, ...]}
 RELEASE_HOLDER = _script(
     REDELIVER
     + r"""
@@ -328,18 +334,20 @@ for _, id in ipairs(ids) do
     released[#released + 1] = id
   end
 end
-local dropped = 0
+local dropped, held = 0, false
 local s = redis.call('HMGET', KS, 'inst', 'sock')
 if s[1] and s[1] .. '/' .. s[2] == holder then
   if keep then
     redis.call('HSET', KS, 'away', '1')
   else
-    redis.call('DEL', KS)
+    held = redis.call('GET', KT)
+    redis.call('DEL', KS, KT)
     dropped = 1
   end
 end
 local out = redeliver(released, live, cutoff, tonumber(ARGV[3]), holder)
 table.insert(out, 1, oldest_lease())
+table.insert(out, 1, held)
 table.insert(out, 1, dropped)
 return out
 """
@@ -351,6 +359,7 @@ local holder = ARGV[1]
 local s = redis.call('HMGET', KS, 'inst', 'sock')
 if not s[1] or s[1] .. '/' .. s[2] ~= holder then return {} end
 redis.call('HSET', KS, 'away', '0')
+redis.call('DEL', KT)
 local ids = redis.call('ZRANGE', KP, 0, -1)
 for _, id in ipairs(ids) do lease_to(id, holder, ARGV[2]) end
 return describe(ids)
