@@ -20,10 +20,11 @@ from twisted.logger import Logger
 
 from mpr_server.model import Delivery, NewMessage, ObjectIdFactory, QueuedMessage, SocketRef
 from mpr_server.push.model import PushToken
-from mpr_server.stores.base import Lease, MessageStore, TakeQuery
+from mpr_server.stores.base import Lease, MessageStore, StoreUnavailable, TakeQuery
 
 # A notification frame carries at most this many messages; more are split over several frames.
 NOTIFY_CHUNK = 100
+RELEASE_RETRY_S = 5.0
 
 
 class NotificationSink(Protocol):
@@ -155,10 +156,29 @@ class PickupService(Service):
         self.deliver(await self.store.attach_socket(self.holder(socket_id), self._lease()))
 
     async def _release(self, socket_id: str, keep_sessions: bool) -> None:
-        released = await self.store.release_socket(self.holder(socket_id), keep_sessions, self._lease())
+        try:
+            released = await self.store.release_socket(self.holder(socket_id), keep_sessions, self._lease())
+        except StoreUnavailable as e:
+            # Left alone, the sessions of a gone socket would hold their connections (and
+            # suppress pushes) for as long as this instance lives: try again until it works.
+            self._log.warn(
+                "could not release socket {socket_id} ({error}); retrying in {delay} s",
+                socket_id=socket_id,
+                error=str(e),
+                delay=RELEASE_RETRY_S,
+            )
+            self._clock.callLater(RELEASE_RETRY_S, self._retry_release, socket_id, keep_sessions)
+            return
         self.deliver(released.deliveries)
         for token, message_id in released.held_pushes:
             self._push(token, message_id)
+
+    def _retry_release(self, socket_id: str, keep_sessions: bool) -> None:
+        if socket_id in self._sinks or not self.running:
+            return  # the socket is back (or we are stopping): nothing to release
+        if keep_sessions and socket_id not in self._grace:
+            return  # its grace period ended meanwhile, which released it for good
+        self._background(self._release(socket_id, keep_sessions), "releasing socket {socket_id}", socket_id)
 
     def _grace_ended(self, socket_id: str) -> None:
         self._grace.pop(socket_id, None)

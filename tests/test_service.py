@@ -219,3 +219,17 @@ def test_large_redelivery_is_split_into_bounded_frames(world: World) -> None:
     world.run(world.service.add_live_session("c1", "s1", "m1"))
     assert [len(f["params"]["messages"]) for f in sink.frames] == [100, 100, 50]
     assert sink.message_ids() == sent
+
+
+def test_release_of_a_gone_socket_is_retried_until_the_store_answers(world: World) -> None:
+    sink = world.open("generated")
+    world.run(world.service.add_live_session("c1", "s1", "generated"))
+    world.run(world.store.stop())  # the store is down when the socket goes
+    world.service.socket_closed("generated", sink, explicit_id=False)
+    world.advance(0)
+    world.run(world.store.start())
+    assert world.run(world.service.has_live_session("c1")) is True  # not released yet
+    world.advance(6)  # the retry
+    assert world.run(world.service.has_live_session("c1")) is False
+    pushed = world.add(token=TOKEN)
+    assert world.pusher.pushes == [(TOKEN, pushed)]
