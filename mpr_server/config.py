@@ -166,6 +166,12 @@ SETTINGS: tuple[Setting, ...] = (
         " meanwhile) is disconnected",
     ),
     Setting(
+        "MESSAGE_TTL_MS",
+        "0",
+        _bounded(0),
+        "delete messages not acknowledged within this many ms of their arrival (0: keep them until acknowledged)",
+    ),
+    Setting(
         "MAX_QUEUED_MESSAGES",
         "0",
         _bounded(0),
@@ -228,6 +234,7 @@ class Config:
     max_message_bytes: int
     max_frame_bytes: int
     max_queued_messages: int
+    message_ttl_ms: int
     slow_reader_timeout_ms: int
     call_timeout_ms: int
     redis_type: str
@@ -309,6 +316,7 @@ def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config
         max_message_bytes=parsed["MAX_MESSAGE_BYTES"],
         max_frame_bytes=parsed["MAX_FRAME_BYTES"],
         max_queued_messages=parsed["MAX_QUEUED_MESSAGES"],
+        message_ttl_ms=parsed["MESSAGE_TTL_MS"],
         slow_reader_timeout_ms=parsed["SLOW_READER_TIMEOUT_MS"],
         call_timeout_ms=parsed["CALL_TIMEOUT_MS"],
         redis_type=parsed["REDIS_TYPE"],

@@ -47,6 +47,7 @@ class DomainSettings:
     session_grace_ms: int = 10_000
     sweep_interval_ms: int = 1_000
     max_queued: int = 0  # per connection; 0 = no cap
+    message_ttl_ms: int = 0  # messages older than this are deleted; 0 = kept until acknowledged
 
 
 def notification_frames(connection_id: str, messages: Sequence[QueuedMessage]) -> list[bytes]:
@@ -121,6 +122,10 @@ class PickupService(Service):
 
     async def _sweep_once(self) -> None:
         self.deliver(await self.store.release_expired(self._lease()))
+        if self.settings.message_ttl_ms:
+            expired = await self.store.expire(self.now_ms() - self.settings.message_ttl_ms)
+            if expired:
+                self._log.info("deleted {n} messages older than MESSAGE_TTL_MS", n=expired)
 
     def _sweep(self) -> Deferred[None]:
         d = Deferred.fromCoroutine(self._sweep_once())

@@ -53,6 +53,7 @@ def build_distributed_store(config: Config, reactor: Any) -> DistributedStore:
         threshold_ms=config.threshold_timestamp,
         allow_evicting=config.allow_evicting_redis,
         timeout_s=timeout,
+        message_ttl=config.message_ttl_ms > 0,
     )
 
 
@@ -90,6 +91,7 @@ class MprService(MultiService):
                 lease_ms=config.message_lease_ms,
                 session_grace_ms=config.session_grace_ms,
                 max_queued=config.max_queued_messages,
+                message_ttl_ms=config.message_ttl_ms,
             ),
             pusher=self.push,
             remote_notify=remote_notify,

@@ -324,5 +324,17 @@ class StoreContract:
         assert await store.count(c, None, T0) == 2
 
     @pytest_twisted.ensureDeferred
+    async def test_expire_deletes_messages_older_than_the_ttl_in_any_state(self, store: MessageStore) -> None:
+        c = cid()
+        for n in range(3):
+            await add(store, c, n, now=T0 - 100_000)
+        await store.take(TakeQuery(c, limit=1), A, lease())  # a leased one expires too
+        fresh = await add(store, c, 9)
+        assert await store.expire(T0 - 50_000) >= 3  # (a shared store may hold other old ones)
+        later = T0 + LEASE_MS
+        assert ids(await store.take(TakeQuery(c), A, lease(later))) == [fresh.id]
+        assert await store.expire(T0 - 50_000) == 0
+
+    @pytest_twisted.ensureDeferred
     async def test_ping_answers(self, store: MessageStore) -> None:
         await store.ping()

@@ -30,7 +30,14 @@ def make_store(
 ) -> DistributedStore:
     cold = ColdStore(f"{mongo.uri}/mpr_test_{uuid.uuid4().hex[:8]}", reactor)
     return DistributedStore(
-        redis, cold, reactor, INSTANCE, lease_ms=LEASE_MS, threshold_ms=threshold_ms, allow_evicting=allow_evicting
+        redis,
+        cold,
+        reactor,
+        INSTANCE,
+        lease_ms=LEASE_MS,
+        threshold_ms=threshold_ms,
+        allow_evicting=allow_evicting,
+        message_ttl=True,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -233,3 +234,14 @@ def test_release_of_a_gone_socket_is_retried_until_the_store_answers(world: Worl
     assert world.run(world.service.has_live_session("c1")) is False
     pushed = world.add(token=TOKEN)
     assert world.pusher.pushes == [(TOKEN, pushed)]
+
+
+def test_messages_past_their_ttl_are_deleted_by_the_sweep(world: World) -> None:
+    world.service.settings = dataclasses.replace(world.service.settings, message_ttl_ms=30_000)
+    old = world.add()
+    world.advance(20)
+    young = world.add()
+    world.advance(11)  # old is 31 s old, young 11 s
+    taken = world.run(world.service.take(TakeQuery("c1"), "m1"))
+    assert [m.id for m in taken] == [young]
+    assert old != young

@@ -110,5 +110,9 @@ class MessageStore(Protocol):
         """The socket is gone: release its leases (redelivering to other sessions). With
         ``keep_sessions`` its sessions stay, marked away; otherwise they are dropped."""
 
+    async def expire(self, received_before_ms: int) -> int:
+        """Delete messages received before ``received_before_ms``, whatever their state (the
+        message TTL); returns how many. Stores may do this in bounded batches per call."""
+
     async def attach_socket(self, holder: SocketRef, lease: Lease) -> list[Delivery]:
         """The socket is back: mark its sessions present and lease their pending messages to it."""

@@ -9,7 +9,8 @@ message):
 - ``mpr:instances``: ZSET instance -> liveness deadline (heartbeat); sessions and leases of an
   instance missing from it are dead and released by the scripts that meet them;
 - ``mpr:due:{n}``: 16 ZSETs connection -> earliest lease end, swept for redelivery;
-- ``mpr:old:{n}``: 16 ZSETs "connection\\nid" -> receivedAt, for the persister.
+- ``mpr:old:{n}``: 16 ZSETs "connection\\nid" -> receivedAt, for the persister;
+- ``mpr:age:{n}``: the same for the message TTL, when one is set.
 
 MongoDB holds the payload of messages older than THRESHOLD_TIMESTAMP; their metadata stays in
 Redis, so the queue order, leases and counts never span two systems and a message is in exactly
@@ -96,6 +97,7 @@ class DistributedStore:
         threshold_ms: int = 60_000,
         allow_evicting: bool = False,
         timeout_s: float = 1.5,
+        message_ttl: bool = False,
     ) -> None:
         if "/" in instance_id:
             raise ValueError("an instance id must not contain '/'")
@@ -108,6 +110,7 @@ class DistributedStore:
         self._threshold_ms = threshold_ms
         self._allow_evicting = allow_evicting
         self._timeout = timeout_s
+        self._message_ttl = message_ttl
         self._live: list[str] = [instance_id]
         self._live_json = orjson.dumps(self._live).decode()
         # Connections where a local socket holds a session (until removed) or leases (until they
@@ -115,8 +118,8 @@ class DistributedStore:
         self._socket_connections: defaultdict[SocketRef, dict[str, int]] = defaultdict(dict)
         self._next_prune_ms = 0
         self.on_notification: LocalNotify | None = None
-        # Index entries waiting for the next batched write: bucket -> ZADD args / connection -> end.
-        self._old_queue: defaultdict[int, list[Any]] = defaultdict(list)
+        # Index entries waiting for the next batched write: key -> ZADD args / connection -> end.
+        self._zadd_queue: defaultdict[str, list[Any]] = defaultdict(list)
         self._due_queue: defaultdict[int, dict[str, int]] = defaultdict(dict)
         self._index_call: IDelayedCall | None = None
         self._heartbeat = LoopingCall(self._beat)
@@ -185,9 +188,12 @@ class DistributedStore:
         self._schedule_index_write()
 
     def _index_old(self, message: NewMessage) -> None:
-        """Record a message for the persister (batched)."""
+        """Record a message for the persister and the TTL (batched)."""
         entry = f"{message.connection_id}\n{message.id}"
-        self._old_queue[bucket(message.connection_id)].extend([message.received_at_ms, entry])
+        n = bucket(message.connection_id)
+        self._zadd_queue[f"mpr:old:{{{n}}}"].extend([message.received_at_ms, entry])
+        if self._message_ttl:
+            self._zadd_queue[f"mpr:age:{{{n}}}"].extend([message.received_at_ms, entry])
         self._schedule_index_write()
 
     def _schedule_index_write(self) -> None:
@@ -201,12 +207,11 @@ class DistributedStore:
 
     async def write_indexes(self) -> None:
         """Write the batched index entries: one command per bucket. On failure they are queued again."""
-        old, self._old_queue = self._old_queue, defaultdict(list)
+        zadds, self._zadd_queue = self._zadd_queue, defaultdict(list)
         due, self._due_queue = self._due_queue, defaultdict(dict)
         now = int(self._reactor.seconds() * 1000)
         writes: list[Deferred[Any]] = []
-        for n, args in old.items():
-            key = f"mpr:old:{{{n}}}"
+        for key, args in zadds.items():
             writes.append(Deferred.fromCoroutine(self.redis.execute(["ZADD", key, *args], key=key)))
         for n, ends in due.items():
             pairs = [x for item in ends.items() for x in item]
@@ -215,8 +220,8 @@ class DistributedStore:
         results = await DeferredList(writes, consumeErrors=True)
         if all(ok for ok, _ in results):
             return
-        for n, args in old.items():
-            self._old_queue[n].extend(args)
+        for key, args in zadds.items():
+            self._zadd_queue[key].extend(args)
         for ends in due.values():
             for connection_id, end in ends.items():
                 self._index_lease(connection_id, end, now)
@@ -391,13 +396,17 @@ class DistributedStore:
         return int(reply)
 
     async def remove(self, connection_id: str, message_ids: Sequence[str]) -> None:
-        if not message_ids:
-            return
+        await self._remove(connection_id, message_ids)
+
+    async def _remove(self, connection_id: str, message_ids: Sequence[str]) -> int:
+        removed = 0
         offloaded: list[str] = []
         for start in range(0, len(message_ids), 1000):
             reply = await self._run(lua.REMOVE, connection_id, list(message_ids[start : start + 1000]))
-            offloaded.extend(orjson.loads(_bytes(reply)) or [])
+            removed += int(reply[0])
+            offloaded.extend(orjson.loads(_bytes(reply[1])) or [])
         await self.cold.delete(offloaded)
+        return removed
 
     async def remove_all(self, connection_id: str, recipient_did: str) -> None:
         reply = await self._run(lua.REMOVE_ALL, connection_id, [recipient_did])
@@ -546,6 +555,28 @@ class DistributedStore:
         await self.cold.delete(removed_meanwhile)
         await self._exec(["ZREM", key, *gone], key)
         return len(found)
+
+    async def expire(self, received_before_ms: int) -> int:
+        """Delete messages older than the TTL, a bounded batch per bucket per call."""
+        if not self._message_ttl:
+            return 0
+        await self.write_indexes()
+        expired = 0
+        for n in range(BUCKETS):
+            key = f"mpr:age:{{{n}}}"
+            if not await self._claim(f"age:{{{n}}}", 900):
+                continue
+            entries = await self._exec(["ZRANGEBYSCORE", key, "-inf", received_before_ms - 1, "LIMIT", 0, 1000], key)
+            if not entries:
+                continue
+            by_connection: defaultdict[str, list[str]] = defaultdict(list)
+            for entry in map(_text, entries):
+                connection_id, _, message_id = entry.rpartition("\n")
+                by_connection[connection_id].append(message_id)
+            for connection_id, message_ids in by_connection.items():
+                expired += await self._remove(connection_id, message_ids)
+            await self._exec(["ZREM", key, *entries], key)
+        return expired
 
     async def import_originals_once(self, batch: int = 500) -> int:
         """Queue again the messages an original MPR deployment left in MongoDB (documents we did

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_connection ON messages (connection_id, seq);
 CREATE INDEX IF NOT EXISTS messages_by_lease_end ON messages (lease_until);
 CREATE INDEX IF NOT EXISTS messages_by_holder ON messages (lease_holder);
+CREATE INDEX IF NOT EXISTS messages_by_age ON messages (received_at);
 CREATE TABLE IF NOT EXISTS recipients (
     connection_id TEXT NOT NULL,
     did TEXT NOT NULL,
@@ -416,6 +417,15 @@ class EmbeddedStore:
                     self._drop_session(connection_id)
                 dropped = held
             return SocketRelease(dropped, self._redeliver(db, rows, lease, skip=holder), pushes)
+
+        return await self._submit(op)
+
+    async def expire(self, received_before_ms: int) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE received_at < ? LIMIT 10000)",
+                (received_before_ms,),
+            ).rowcount
 
         return await self._submit(op)
 

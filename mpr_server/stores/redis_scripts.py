@@ -227,13 +227,16 @@ end
 return n
 """)
 
-# ARGV: id... -> JSON list of removed ids whose body was in MongoDB
+# ARGV: id... -> {how many were removed, JSON list of removed ids whose body was in MongoDB}
 REMOVE = _script(r"""
-local offloaded = {}
+local offloaded, removed = {}, 0
 for _, id in ipairs(ARGV) do
-  if redis.call('HEXISTS', KM, id) == 1 and forget(id) then offloaded[#offloaded + 1] = id end
+  if redis.call('HEXISTS', KM, id) == 1 then
+    removed = removed + 1
+    if forget(id) then offloaded[#offloaded + 1] = id end
+  end
 end
-return cjson.encode(offloaded)
+return {removed, cjson.encode(offloaded)}
 """)
 
 # ARGV: did -> JSON list of removed ids whose body was in MongoDB
