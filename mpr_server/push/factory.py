@@ -38,7 +38,7 @@ def build_push_service(
         return PushService(settings, clock or reactor, throttle, senders)
 
     if not settings.firebase_cfg_file:
-        _log.warn("FIREBASE_CFG_FILE is not set: FCM push notifications disabled")
+        _log.info("FIREBASE_CFG_FILE is not set: FCM push notifications disabled")
     else:
         try:
             account = load_service_account(settings.firebase_cfg_file)
@@ -53,7 +53,9 @@ def build_push_service(
             senders["fcm"] = FcmSender(reactor, settings, account, http, pool)
             _log.info("FCM push enabled for project {project}", project=account.project_id)
 
-    if not settings.apns_cfg_file or not settings.apns_path_key:
+    if not settings.apns_cfg_file and not settings.apns_path_key:
+        _log.info("APNS_CFG_FILE and APNS_PATH_KEY are not set: APNs push notifications disabled")
+    elif not settings.apns_cfg_file or not settings.apns_path_key:
         _log.warn("APNS_CFG_FILE or APNS_PATH_KEY is not set: APNs push notifications disabled")
     elif not settings.apns_topic:
         _log.warn("APNS_TOPIC is not set: APNs push notifications disabled")

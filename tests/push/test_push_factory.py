@@ -64,8 +64,13 @@ def test_unset_and_malformed_files(reactor: Any, tmp_path: Path, apns_files: tup
             MemoryThrottle(task.Clock()),
         )
     texts = warnings(events)
-    assert any("FIREBASE_CFG_FILE is not set" in t for t in texts)
+    assert not any("FIREBASE_CFG_FILE" in t for t in texts)  # not configured: said at info level
+    assert any("FIREBASE_CFG_FILE is not set" in formatEvent(e) for e in events)
     assert any(str(bad_key) in t for t in texts)
+
+    with capturedLogs() as events:
+        build_push_service(PushSettings(apns_cfg_file=apns_files[0]), reactor, MemoryThrottle(task.Clock()))
+    assert any("APNS_PATH_KEY" in t for t in warnings(events))  # half-configured: a warning
 
 
 def test_unreadable_ca_file_disables_push(reactor: Any, tmp_path: Path, firebase_file: str) -> None:
