@@ -120,6 +120,19 @@ class PickupService(Service):
         self._grace.clear()
         return None
 
+    async def end_grace_periods(self) -> None:
+        """At shutdown: nobody will be here to end the grace periods of sockets that named
+        themselves, so end them now — their sessions go and the pushes they held back are sent
+        (otherwise those sessions would look alive to other instances for a while, and the held
+        pushes would never be sent)."""
+        sockets = list(self._grace)
+        for socket_id in sockets:
+            call = self._grace.pop(socket_id)
+            if call.active():
+                call.cancel()
+        for socket_id in sockets:
+            await self._release(socket_id, False)
+
     async def _sweep_once(self) -> None:
         self.deliver(await self.store.release_expired(self._lease()))
         if self.settings.message_ttl_ms:

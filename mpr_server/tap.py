@@ -175,6 +175,8 @@ class MprService(MultiService):
                 await stopping
         self._ports.clear()
         await self.factory.close_all(3.0, self.reactor)
+        await self.pickup.end_grace_periods()
+        await self.push.drain(2.0)
         if self.pickup.running:
             self.pickup.stopService()
         if self.persister is not None and self.persister.running:

@@ -245,3 +245,15 @@ def test_messages_past_their_ttl_are_deleted_by_the_sweep(world: World) -> None:
     taken = world.run(world.service.take(TakeQuery("c1"), "m1"))
     assert [m.id for m in taken] == [young]
     assert old != young
+
+
+def test_shutdown_ends_grace_periods_and_sends_the_held_pushes(world: World) -> None:
+    sink = world.open("m1")
+    world.run(world.service.add_live_session("c1", "s1", "m1"))
+    world.service.socket_closed("m1", sink, explicit_id=True)
+    world.advance(1)
+    held = world.add(token=TOKEN)
+    assert world.pusher.pushes == []
+    world.run(world.service.end_grace_periods())
+    assert world.pusher.pushes == [(TOKEN, held)]
+    assert world.run(world.service.has_live_session("c1")) is False

@@ -229,6 +229,26 @@ class PushService(Service):
                 return
         self._active -= 1
 
+    async def drain(self, timeout_s: float) -> None:
+        """Give the pushes under way up to ``timeout_s`` to finish (at shutdown, before stopping:
+        pushes sent while closing sessions would otherwise be cancelled at once). Cancels nothing."""
+        pending = list(self._inflight)
+        if not pending:
+            return
+        done: Deferred[None] = Deferred()
+
+        def finish(_: object = None) -> None:
+            if not done.called:
+                done.callback(None)
+
+        DeferredList(pending, consumeErrors=True).addBoth(finish)
+        timer = self._clock.callLater(timeout_s, finish)
+        await done
+        if timer.active():
+            timer.cancel()
+        elif self._inflight:
+            self._log.info("stopping with {n} pushes unfinished", n=len(self._inflight))
+
     def stopService(self) -> Deferred[None]:
         """Cancel queued and running pushes, close provider connections."""
         super().stopService()

@@ -260,3 +260,19 @@ async def test_stop_cancels_pending_pushes_and_closes_senders(reactor: Any) -> N
     assert sender.closed
     assert outcome_of(service.push_and_wait(PushToken("fcm", "c"), "m")) == "dropped"
     assert clock.getDelayedCalls() == []
+
+
+def test_drain_waits_for_pushes_under_way_then_gives_up() -> None:
+    clock, sender = task.Clock(), FakeSender()
+    gates: list[Deferred[None]] = [Deferred(), Deferred()]
+    sender.script.extend(gates)
+    service = make(clock, sender)
+    finished = service.push_and_wait(PushToken("fcm", "a"), "m1")
+    stuck = service.push_and_wait(PushToken("fcm", "b"), "m2")
+    draining = Deferred.fromCoroutine(service.drain(2.0))
+    gates[0].callback(None)
+    assert outcome_of(finished) == "sent" and not draining.called
+    clock.advance(2.0)  # "b" never finishes: the drain gives up
+    assert draining.called and outcome_of(stuck) is None
+    service.stopService()
+    assert outcome_of(stuck) == "cancelled"
