@@ -231,6 +231,16 @@ class StoreContract:
         assert ids(await store.take(TakeQuery(quiet), B, lease(later))) == [taken_quiet.id]
 
     @pytest_twisted.ensureDeferred
+    async def test_counting_an_expired_delivery_does_not_cancel_its_redelivery(self, store: MessageStore) -> None:
+        c = cid()
+        await store.add_session(c, "s1", A, lease())
+        sent = await add(store, c, 1)  # delivered to A, never acknowledged
+        later = T0 + LEASE_MS + 1
+        assert await store.count(c, None, later) == 1  # Credo counts after every ack
+        deliveries = [d for d in await store.release_expired(lease(later)) if d.connection_id == c]
+        assert [(d.target, ids(d.messages)) for d in deliveries] == [(A, [sent.id])]
+
+    @pytest_twisted.ensureDeferred
     async def test_socket_gone_drops_its_sessions_and_releases_its_leases(self, store: MessageStore) -> None:
         c, other = cid(), cid()
         await store.add_session(c, "s1", A, lease())

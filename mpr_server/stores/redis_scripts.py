@@ -53,19 +53,23 @@ local function release(id)
   if meta then redis.call('ZADD', KP, cjson.decode(meta)[1], id) end
 end
 
--- Release leases that ended or whose holder is dead; return their ids.
-local function release_stale(live, cutoff, now, lease_ms)
+-- Ids of leases that ended or whose holder is dead (pending again from a reader's view).
+local function stale_leases(live, cutoff, now, lease_ms)
   local out = {}
   local all = redis.call('ZRANGE', KL, 0, -1, 'WITHSCORES')
   for i = 1, #all, 2 do
     local id, ends = all[i], tonumber(all[i + 1])
     local holder = redis.call('HGET', KH, id)
     local alive = holder and (live[instance_of(holder)] or ends - lease_ms >= cutoff)
-    if ends <= now or not alive then
-      release(id)
-      out[#out + 1] = id
-    end
+    if ends <= now or not alive then out[#out + 1] = id end
   end
+  return out
+end
+
+-- Release those leases; return their ids.
+local function release_stale(live, cutoff, now, lease_ms)
+  local out = stale_leases(live, cutoff, now, lease_ms)
+  for _, id in ipairs(out) do release(id) end
   return out
 end
 
@@ -209,12 +213,17 @@ table.insert(out, 1, cjson.encode(offloaded))
 return out
 """)
 
-# ARGV: did, now, live, cutoff, lease_ms -> pending count
+# ARGV: did, now, live, cutoff, lease_ms -> pending count. Read-only: stale leases count as
+# pending but are left for the sweeper, which redelivers them to a live session.
 COUNT = _script(r"""
 local did = ARGV[1]
-release_stale(live_set(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[2]), tonumber(ARGV[5]))
-if did == '' then return redis.call('ZCARD', KP) end
+local stale = stale_leases(live_set(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[2]), tonumber(ARGV[5]))
+if did == '' then return redis.call('ZCARD', KP) + #stale end
 local n, start = 0, 0
+for _, id in ipairs(stale) do
+  local raw = redis.call('HGET', KM, id)
+  if raw and addressed_to(cjson.decode(raw), did) then n = n + 1 end
+end
 while true do
   local ids = redis.call('ZRANGE', KP, start, start + 199)
   if #ids == 0 then break end
