@@ -19,9 +19,11 @@ one place from a reader's view.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -454,14 +456,28 @@ class DistributedStore:
                 self._log.warn("lease sweep failed: {e}", e=value.getErrorMessage())  # type: ignore[attr-defined]
         return deliveries
 
-    async def _claim(self, name: str, ttl_ms: int) -> bool:
+    @asynccontextmanager
+    async def _claimed(self, name: str, ttl_ms: int) -> AsyncIterator[bool]:
+        """Claim a piece of shared work for at most ``ttl_ms`` (so that instances share it without
+        a leader); yields whether we got it, and gives it back when done."""
         lock = f"mpr:lock:{name}"
-        return bool(await self._exec(["SET", lock, self.instance_id, "NX", "PX", ttl_ms], lock))
+        token = f"{self.instance_id}/{os.urandom(6).hex()}"
+        claimed = bool(await self._exec(["SET", lock, token, "NX", "PX", ttl_ms], lock))
+        try:
+            yield claimed
+        finally:
+            if claimed:
+                try:
+                    await self.redis.eval_script(lua.UNLOCK, [lock], [token])
+                except RedisError:
+                    pass  # it expires by itself
 
     async def _sweep_bucket(self, n: int, lease: Lease) -> list[Delivery]:
+        async with self._claimed(f"due:{{{n}}}", 5_000) as claimed:
+            return await self._sweep_claimed_bucket(n, lease) if claimed else []
+
+    async def _sweep_claimed_bucket(self, n: int, lease: Lease) -> list[Delivery]:
         key = f"mpr:due:{{{n}}}"
-        if not await self._claim(f"due:{{{n}}}", 900):
-            return []
         due = await self._exec(["ZRANGEBYSCORE", key, "-inf", lease.now_ms, "WITHSCORES", "LIMIT", 0, 200], key)
         deliveries = []
         live, cutoff = self._liveness(lease.now_ms)
@@ -520,14 +536,9 @@ class DistributedStore:
         await self.write_indexes()
         moved = 0
         for n in range(BUCKETS):
-            key = f"mpr:old:{{{n}}}"
-            if not await self._claim(f"old:{{{n}}}", 30_000):
-                continue
-            try:
-                moved += await self._persist_bucket(key, now_ms - self._threshold_ms, batch)
-            finally:
-                lock = f"mpr:lock:old:{{{n}}}"
-                await self._exec(["DEL", lock], lock)
+            async with self._claimed(f"old:{{{n}}}", 30_000) as claimed:
+                if claimed:
+                    moved += await self._persist_bucket(f"mpr:old:{{{n}}}", now_ms - self._threshold_ms, batch)
         return moved
 
     async def _persist_bucket(self, key: str, older_than_ms: int, batch: int) -> int:
@@ -563,29 +574,33 @@ class DistributedStore:
         await self.write_indexes()
         expired = 0
         for n in range(BUCKETS):
-            key = f"mpr:age:{{{n}}}"
-            if not await self._claim(f"age:{{{n}}}", 900):
-                continue
-            entries = await self._exec(["ZRANGEBYSCORE", key, "-inf", received_before_ms - 1, "LIMIT", 0, 1000], key)
-            if not entries:
-                continue
-            by_connection: defaultdict[str, list[str]] = defaultdict(list)
-            for entry in map(_text, entries):
-                connection_id, _, message_id = entry.rpartition("\n")
-                by_connection[connection_id].append(message_id)
-            for connection_id, message_ids in by_connection.items():
-                expired += await self._remove(connection_id, message_ids)
-            await self._exec(["ZREM", key, *entries], key)
+            async with self._claimed(f"age:{{{n}}}", 5_000) as claimed:
+                if claimed:
+                    expired += await self._expire_bucket(f"mpr:age:{{{n}}}", received_before_ms)
+        return expired
+
+    async def _expire_bucket(self, key: str, received_before_ms: int) -> int:
+        entries = await self._exec(["ZRANGEBYSCORE", key, "-inf", received_before_ms - 1, "LIMIT", 0, 1000], key)
+        if not entries:
+            return 0
+        by_connection: defaultdict[str, list[str]] = defaultdict(list)
+        for entry in map(_text, entries):
+            connection_id, _, message_id = entry.rpartition("\n")
+            by_connection[connection_id].append(message_id)
+        expired = 0
+        for connection_id, message_ids in by_connection.items():
+            expired += await self._remove(connection_id, message_ids)
+        await self._exec(["ZREM", key, *entries], key)
         return expired
 
     async def import_originals_once(self, batch: int = 500) -> int:
         """Queue again the messages an original MPR deployment left in MongoDB (documents we did
         not write), resuming after the last one imported; returns how many were seen. Safe to
         repeat and to run on every instance (claimed, idempotent per message)."""
-        if not await self._claim("import", 120_000):
-            return 0
-        cursor_key = "mpr:import:last"
-        try:
+        async with self._claimed("import", 120_000) as claimed:
+            if not claimed:
+                return 0
+            cursor_key = "mpr:import:last"
             after = await self._exec(["GET", cursor_key], cursor_key)
             documents = await self.cold.originals(_text(after) if after else None, batch)
             imported = 0
@@ -604,9 +619,6 @@ class DistributedStore:
             if imported:
                 self._log.info("queued {n} messages left in MongoDB by an earlier deployment", n=imported)
             return len(documents)
-        finally:
-            lock = "mpr:lock:import"
-            await self._exec(["DEL", lock], lock)
 
     async def before_offload_done(self) -> None:
         """A seam for fault-injection tests: runs between the MongoDB write and the Redis removal."""

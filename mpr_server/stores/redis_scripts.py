@@ -405,7 +405,13 @@ redis.call('ZADD', KP, seq, ARGV[1])
 return 1
 """)
 
-# Scripts on one index key (KEYS[1]), outside any connection.
+# Scripts on one key (KEYS[1]), outside any connection.
+# Give back a claim (lock) only if it is still ours. ARGV: our token.
+UNLOCK = Script(r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""")
+
 # Lease-due index: ARGV now, then (connection, lease end) pairs. Keep the earliest end, but
 # replace an entry that is already due (the sweeper may be about to drop it).
 INDEX_LEASES = Script(r"""
