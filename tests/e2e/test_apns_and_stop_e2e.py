@@ -8,7 +8,6 @@ arriving, or the server counting the final outcome of the push (``mpr_push_total
 
 from __future__ import annotations
 
-import re
 import signal
 import uuid
 from collections.abc import Iterator
@@ -25,8 +24,9 @@ from tests.e2e import test_distributed
 from tests.e2e.conftest import Connect, ServerFactory
 from tests.e2e.mprprocess import Exit, MprProcess
 from tests.e2e.test_distributed import MongoDb, eventually, start_all, store_args
-from tests.e2e.test_push_e2e import Inbox
-from tests.e2e.test_server import DID_A, count, http_get, jwe
+from tests.e2e.test_push_e2e import Inbox, add_with_token
+from tests.e2e.test_push_e2e import push_counts as provider_push_counts
+from tests.e2e.test_server import count
 from tests.push import conftest as push_fixtures
 from tests.push.push_fakes import KEY_ID, TEAM_ID, TOPIC, FakeApns, TrackingFactory
 from tests.wsclient import RpcClient
@@ -41,8 +41,6 @@ fake_apns = push_fixtures.fake_apns
 # A MongoDB database of its own, for the distributed store.
 mongo_db = test_distributed.mongo_db
 
-METRIC_LINE = re.compile(r"^mpr_push_total\{(?P<labels>[^}]*)\} (?P<n>\d+)$")
-LABEL = re.compile(r'(?P<k>[a-z_]+)="(?P<v>[^"]*)"')
 ALERT = {"title": "New message", "body": "You have a new message"}
 
 
@@ -100,31 +98,11 @@ def apns(
 
 
 async def add_for_apns(client: RpcClient, connection_id: str, token: str, tag: str) -> str:
-    result = await client.call(
-        "addMessage",
-        {
-            "connectionId": connection_id,
-            "recipientDids": [DID_A],
-            "payload": jwe(tag),
-            "pushNotificationToken": {"type": "apns", "token": token},
-        },
-    )
-    return str(result["messageId"])
+    return await add_with_token(client, connection_id, token, tag, "apns")
 
 
-async def push_counts(reactor: Any, server: MprProcess, provider: str = "apns") -> dict[str, int]:
-    """Push outcomes of ``provider`` as counted by the server (/metrics), by outcome."""
-    code, _, body = await http_get(reactor, f"http://127.0.0.1:{server.app_port}/metrics")
-    assert code == 200, body
-    counts: dict[str, int] = {}
-    for line in body.decode().splitlines():
-        match = METRIC_LINE.match(line)
-        if match:
-            labels = {m["k"]: m["v"] for m in LABEL.finditer(match["labels"])}
-            assert set(labels) == {"provider", "outcome"}, line
-            if labels["provider"] == provider:
-                counts[labels["outcome"]] = int(match["n"])
-    return counts
+async def push_counts(reactor: Any, server: MprProcess) -> dict[str, int]:
+    return await provider_push_counts(reactor, server, "apns")
 
 
 def check_provider_token(request: dict[str, Any], key: ec.EllipticCurvePrivateKey) -> None:

@@ -37,7 +37,8 @@ firebase_file = push_fixtures.firebase_file
 mongo_db = test_distributed.mongo_db
 
 PUSH_TIMEOUT = 10.0
-METRIC = re.compile(r'^mpr_push_total\{outcome="(?P<outcome>[^"]+)",provider="(?P<provider>[^"]+)"\} (?P<n>\d+)$')
+METRIC_LINE = re.compile(r"^mpr_push_total\{(?P<labels>[^}]*)\} (?P<n>\d+)$")
+LABEL = re.compile(r'(?P<k>[a-z_]+)="(?P<v>[^"]*)"')
 
 
 def uid() -> str:
@@ -100,28 +101,31 @@ def fcm(reactor: Any, fake_fcm: FakeFcm, firebase_file: str, mpr_servers: Server
     assert fake_fcm.errors == [], "the fake FCM saw requests a real one would reject"
 
 
-async def add_with_token(client: RpcClient, connection_id: str, token: str, tag: str) -> str:
+async def add_with_token(client: RpcClient, connection_id: str, token: str, tag: str, provider: str = "fcm") -> str:
     result = await client.call(
         "addMessage",
         {
             "connectionId": connection_id,
             "recipientDids": [DID_A],
             "payload": jwe(tag),
-            "pushNotificationToken": {"type": "fcm", "token": token},
+            "pushNotificationToken": {"type": provider, "token": token},
         },
     )
     return str(result["messageId"])
 
 
-async def push_counts(reactor: Any, server: MprProcess) -> dict[str, int]:
-    """FCM push outcomes as counted by the server (/metrics)."""
+async def push_counts(reactor: Any, server: MprProcess, provider: str = "fcm") -> dict[str, int]:
+    """Push outcomes of ``provider`` as counted by the server (/metrics), by outcome."""
     code, _, body = await http_get(reactor, f"http://127.0.0.1:{server.app_port}/metrics")
     assert code == 200, body
     counts: dict[str, int] = {}
     for line in body.decode().splitlines():
-        match = METRIC.match(line)
-        if match and match["provider"] == "fcm":
-            counts[match["outcome"]] = int(match["n"])
+        match = METRIC_LINE.match(line)
+        if match:
+            labels = {m["k"]: m["v"] for m in LABEL.finditer(match["labels"])}
+            assert set(labels) == {"provider", "outcome"}, line
+            if labels["provider"] == provider:
+                counts[labels["outcome"]] = int(match["n"])
     return counts
 
 
