@@ -1,17 +1,17 @@
-"""Values shared by the domain, the stores and the transport."""
+"""Values shared by every layer: messages, sockets, leases, queries, push tokens. No behaviour."""
 
 from __future__ import annotations
 
-import os
-import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
-import orjson
 
-from mpr_server.push.model import PushToken
+@dataclass(frozen=True)
+class PushToken:
+    """A device token as the mediator sends it: ``type`` "fcm" means FCM, anything else APNs."""
+
+    type: str
+    token: str
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,6 @@ class QueuedMessage:
     received_at_ms: int
     payload: bytes
 
-    def to_wire(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "receivedAt": iso_millis(self.received_at_ms),
-            "encryptedMessage": orjson.Fragment(self.payload),
-        }
-
 
 @dataclass(frozen=True)
 class Delivery:
@@ -80,23 +73,28 @@ class AddResult:
     held_by: SocketRef | None = None
 
 
-def iso_millis(ms: int) -> str:
-    """ISO-8601 UTC with milliseconds and ``Z``, as the original server wrote ``receivedAt``."""
-    seconds, millis = divmod(ms, 1000)
-    stamp = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{millis:03d}Z"
+@dataclass(frozen=True)
+class TakeQuery:
+    connection_id: str
+    recipient_did: str | None = None
+    limit: int = 0  # 0: no count limit
+    limit_bytes: int = 0  # 0: no size limit
+    delete: bool = False
 
 
-class ObjectIdFactory:
-    """Time-ordered 12-byte ids rendered as 24 lowercase hex characters (MongoDB ObjectId layout)."""
+@dataclass(frozen=True)
+class Lease:
+    """When a lease taken now ends: ``now_ms`` and ``until_ms`` (both epoch milliseconds)."""
 
-    def __init__(self) -> None:
-        self._random = os.urandom(5)
-        self._counter = int.from_bytes(os.urandom(3), "big")
-        self._lock = threading.Lock()
+    now_ms: int
+    until_ms: int
 
-    def new(self, seconds: float) -> str:
-        with self._lock:
-            self._counter = (self._counter + 1) & 0xFFFFFF
-            counter = self._counter
-        return (struct.pack(">I", int(seconds) & 0xFFFFFFFF) + self._random + counter.to_bytes(3, "big")).hex()
+
+@dataclass(frozen=True)
+class SocketRelease:
+    """Outcome of a socket going away: sessions it lost, redeliveries to other sessions, and the
+    pushes held back while the dropped sessions were away (token, message id)."""
+
+    dropped_connections: Sequence[str]
+    deliveries: Sequence[Delivery]
+    held_pushes: Sequence[tuple[PushToken, str]] = ()

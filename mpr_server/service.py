@@ -1,43 +1,34 @@
 """The message-pickup domain: message lifecycle, leases and live sessions, without any transport.
 
-``PickupService`` turns mediator calls into store operations, sends ``messagesReceived`` to the
-sockets that hold live sessions, decides when a push is due, and runs the time-based parts
-(lease expiry sweep, the grace period of sockets that named themselves) on an injected clock.
+``PickupService`` turns mediator calls into store operations, hands the messages leased to live
+sessions to the notifier, decides when a push is due, and runs the time-based parts (lease expiry
+sweep, the grace period of sockets that named themselves) on an injected clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-import orjson
+from bson import ObjectId
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mpr_server.model import Delivery, NewMessage, ObjectIdFactory, QueuedMessage, SocketRef
-from mpr_server.push.model import PushToken
-from mpr_server.stores.base import Lease, MessageStore, StoreUnavailable, TakeQuery
+from mpr_server._async import background
+from mpr_server.errors import StoreUnavailable
+from mpr_server.model import Delivery, Lease, NewMessage, PushToken, QueuedMessage, SocketRef, TakeQuery
+from mpr_server.notify import LocalNotifier, LocalSockets, MessageSink, Notifier
+from mpr_server.stores.base import MessageStore
 
-# A notification frame carries at most this many messages; more are split over several frames.
-NOTIFY_CHUNK = 100
 RELEASE_RETRY_S = 5.0
-
-
-class NotificationSink(Protocol):
-    """One open mediator socket, as the domain sees it."""
-
-    def send_notification(self, frame: bytes) -> None: ...
 
 
 class Pusher(Protocol):
     def push(self, token: PushToken, message_id: str) -> None: ...
-
-
-RemoteNotify = Callable[[Delivery, Sequence[bytes]], None]
 
 
 @dataclass(frozen=True)
@@ -48,24 +39,6 @@ class DomainSettings:
     sweep_interval_ms: int = 1_000
     max_queued: int = 0  # per connection; 0 = no cap
     message_ttl_ms: int = 0  # messages older than this are deleted; 0 = kept until acknowledged
-
-
-def notification_frames(connection_id: str, messages: Sequence[QueuedMessage]) -> list[bytes]:
-    """The ``messagesReceived`` frames of wire-protocol §4, chunked."""
-    return [
-        orjson.dumps(
-            {
-                "jsonrpc": "2.0",
-                "method": "messagesReceived",
-                "params": {
-                    "connectionId": connection_id,
-                    "messages": [m.to_wire() for m in messages[i : i + NOTIFY_CHUNK]],
-                    "id": "",
-                },
-            }
-        )
-        for i in range(0, len(messages), NOTIFY_CHUNK)
-    ]
 
 
 class PickupService(Service):
@@ -79,15 +52,16 @@ class PickupService(Service):
         clock: IReactorTime,
         settings: DomainSettings,
         pusher: Pusher | None = None,
-        remote_notify: RemoteNotify | None = None,
+        *,
+        sockets: LocalSockets | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.store = store
         self._clock = clock
         self.settings = settings
         self._pusher = pusher
-        self._remote_notify = remote_notify
-        self._ids = ObjectIdFactory()
-        self._sinks: dict[str, list[NotificationSink]] = {}
+        self.sockets = sockets if sockets is not None else LocalSockets()
+        self._notifier = notifier if notifier is not None else LocalNotifier(self.sockets)
         self._grace: dict[str, IDelayedCall] = {}
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = clock
@@ -141,34 +115,27 @@ class PickupService(Service):
                 self._log.info("deleted {n} messages older than MESSAGE_TTL_MS", n=expired)
 
     def _sweep(self) -> Deferred[None]:
-        d = Deferred.fromCoroutine(self._sweep_once())
-        d.addErrback(lambda f: self._log.failure("lease sweep failed; the next tick retries", f))
-        return d
+        return background(self._sweep_once(), self._log, "lease sweep failed; the next tick retries")
 
     # -- sockets -----------------------------------------------------------------------------------
 
-    def socket_opened(self, socket_id: str, sink: NotificationSink) -> None:
-        self._sinks.setdefault(socket_id, []).append(sink)
+    def socket_opened(self, socket_id: str, sink: MessageSink) -> None:
+        self.sockets.add(socket_id, sink)
         grace = self._grace.pop(socket_id, None)
         if grace is not None:
             if grace.active():
                 grace.cancel()
-            self._background(self._attach(socket_id), "re-attaching socket {socket_id}", socket_id)
+            self._for_socket(self._attach(socket_id), "re-attaching socket {socket_id}", socket_id)
 
-    def socket_closed(self, socket_id: str, sink: NotificationSink, explicit_id: bool) -> None:
-        sinks = self._sinks.get(socket_id)
-        if sinks is None or sink not in sinks:
+    def socket_closed(self, socket_id: str, sink: MessageSink, explicit_id: bool) -> None:
+        if not self.sockets.discard(socket_id, sink):
             return
-        sinks.remove(sink)
-        if sinks:
-            return
-        del self._sinks[socket_id]
         keep = explicit_id and self.settings.session_grace_ms > 0
         if keep:
             self._grace[socket_id] = self._clock.callLater(
                 self.settings.session_grace_ms / 1000, self._grace_ended, socket_id
             )
-        self._background(self._release(socket_id, keep), "releasing socket {socket_id}", socket_id)
+        self._for_socket(self._release(socket_id, keep), "releasing socket {socket_id}", socket_id)
 
     async def _attach(self, socket_id: str) -> None:
         self.deliver(await self.store.attach_socket(self.holder(socket_id), self._lease()))
@@ -192,38 +159,25 @@ class PickupService(Service):
             self._push(token, message_id)
 
     def _retry_release(self, socket_id: str, keep_sessions: bool) -> None:
-        if socket_id in self._sinks or not self.running:
+        if socket_id in self.sockets or not self.running:
             return  # the socket is back (or we are stopping): nothing to release
         if keep_sessions and socket_id not in self._grace:
             return  # its grace period ended meanwhile, which released it for good
-        self._background(self._release(socket_id, keep_sessions), "releasing socket {socket_id}", socket_id)
+        self._for_socket(self._release(socket_id, keep_sessions), "releasing socket {socket_id}", socket_id)
 
     def _grace_ended(self, socket_id: str) -> None:
         self._grace.pop(socket_id, None)
-        self._background(self._release(socket_id, False), "ending grace of socket {socket_id}", socket_id)
+        self._for_socket(self._release(socket_id, False), "ending grace of socket {socket_id}", socket_id)
 
-    def _background(self, coro: object, what: str, socket_id: str) -> None:
-        d: Deferred[None] = Deferred.fromCoroutine(coro)  # type: ignore[arg-type]
-        d.addErrback(lambda f: self._log.failure("failed " + what, f, socket_id=socket_id))
+    def _for_socket(self, work: Coroutine[Any, Any, None], what: str, socket_id: str) -> None:
+        background(work, self._log, "failed " + what, socket_id=socket_id)
 
     # -- notifications -------------------------------------------------------------------------------
 
     def deliver(self, deliveries: Iterable[Delivery]) -> None:
         for delivery in deliveries:
-            if not delivery.messages:
-                continue
-            frames = notification_frames(delivery.connection_id, delivery.messages)
-            if delivery.target.instance == self.settings.instance_id:
-                self.notify_local(delivery.target.socket, frames)
-            elif self._remote_notify is not None:
-                self._remote_notify(delivery, frames)
-
-    def notify_local(self, socket_id: str, frames: Sequence[bytes]) -> None:
-        """Send frames to every open socket with this id. If none is open, the lease ends and the
-        messages are redelivered or taken later."""
-        for sink in self._sinks.get(socket_id, ()):
-            for frame in frames:
-                sink.send_notification(frame)
+            if delivery.messages:
+                self._notifier.notify(delivery)
 
     def _push(self, token: PushToken, message_id: str) -> None:
         if self._pusher is not None:
@@ -240,7 +194,7 @@ class PickupService(Service):
     ) -> str:
         now = self._clock.seconds()
         message = NewMessage(
-            id=self._ids.new(now),
+            id=str(ObjectId()),
             connection_id=connection_id,
             recipient_dids=tuple(recipient_dids),
             payload=payload,

@@ -12,14 +12,14 @@ from typing import Any
 import orjson
 import pytest
 import pytest_twisted
+from bson import ObjectId
 
-from mpr_server.model import NewMessage, ObjectIdFactory, SocketRef
-from mpr_server.push.model import PushToken
-from mpr_server.stores.base import Lease, MessageStore, QueueFull, TakeQuery
+from mpr_server.errors import QueueFull
+from mpr_server.model import Lease, NewMessage, PushToken, SocketRef, TakeQuery
+from mpr_server.stores.base import MessageStore
 
 T0 = 1_764_000_000_000  # an arbitrary "now", epoch ms
 LEASE_MS = 60_000
-IDS = ObjectIdFactory()
 
 A = SocketRef("instance-1", "socket-a")
 B = SocketRef("instance-1", "socket-b")
@@ -45,7 +45,7 @@ async def add(
     pad: int = 0,
     now: int = T0,
 ) -> NewMessage:
-    message = NewMessage(IDS.new(now / 1000), connection_id, dids, payload(n, pad), now + n)
+    message = NewMessage(str(ObjectId()), connection_id, dids, payload(n, pad), now + n)
     await store.add(message, lease(now))
     return message
 
@@ -175,7 +175,7 @@ class StoreContract:
         c = cid()
         assert await store.add_session(c, "s1", A, lease()) is None
         assert await store.has_session(c)
-        message = NewMessage(IDS.new(T0 / 1000), c, ("did:key:alice",), payload(1), T0)
+        message = NewMessage(str(ObjectId()), c, ("did:key:alice",), payload(1), T0)
         result = await store.add(message, lease())
         assert result.delivery is not None
         assert result.delivery.target == A
@@ -272,7 +272,7 @@ class StoreContract:
         released = await store.release_socket(A, True, lease())
         assert list(released.dropped_connections) == []
         assert await store.has_session(c)
-        message = NewMessage(IDS.new(T0 / 1000), c, ("did:key:alice",), payload(2), T0 + 5)
+        message = NewMessage(str(ObjectId()), c, ("did:key:alice",), payload(2), T0 + 5)
         result = await store.add(message, lease())
         assert result.delivery is None and result.held_by == A
         assert await store.count(c, None, T0) == 2
@@ -299,7 +299,7 @@ class StoreContract:
         await store.release_socket(A, True, lease())
         for n in (1, 2):  # the last held push of a connection wins
             token = PushToken("fcm", f"device-{n}")
-            message = NewMessage(IDS.new(T0 / 1000), c, ("did:key:alice",), payload(n), T0 + n, token)
+            message = NewMessage(str(ObjectId()), c, ("did:key:alice",), payload(n), T0 + n, token)
             assert (await store.add(message, lease())).held_by == A
         await add(store, quiet, 3)  # no token: nothing to push
         released = await store.release_socket(A, False, lease())
@@ -312,7 +312,7 @@ class StoreContract:
         c = cid()
         await store.add_session(c, "s1", A, lease())
         await store.release_socket(A, True, lease())
-        message = NewMessage(IDS.new(T0 / 1000), c, ("did:key:alice",), payload(1), T0, PushToken("apns", "d"))
+        message = NewMessage(str(ObjectId()), c, ("did:key:alice",), payload(1), T0, PushToken("apns", "d"))
         await store.add(message, lease())
         assert [ids(d.messages) for d in await store.attach_socket(A, lease())] == [[message.id]]
         await store.release_socket(A, True, lease())
@@ -322,10 +322,10 @@ class StoreContract:
     async def test_queue_cap_refuses_adds_beyond_it_and_counts_leased_messages(self, store: MessageStore) -> None:
         c = cid()
         for n in range(3):
-            message = NewMessage(IDS.new(T0 / 1000), c, ("did:key:alice",), payload(n), T0 + n)
+            message = NewMessage(str(ObjectId()), c, ("did:key:alice",), payload(n), T0 + n)
             await store.add(message, lease(), max_queued=3)
         await store.take(TakeQuery(c, limit=1), A, lease())  # leased messages still count
-        refused = NewMessage(IDS.new(T0 / 1000), c, ("did:key:alice",), payload(9), T0 + 9)
+        refused = NewMessage(str(ObjectId()), c, ("did:key:alice",), payload(9), T0 + 9)
         with pytest.raises(QueueFull):
             await store.add(refused, lease(), max_queued=3)
         assert await store.count(c, None, T0) == 2

@@ -10,21 +10,18 @@ import pytest_twisted
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 
-from mpr_server.protocol import MediatorFactory
-from mpr_server.rpc import Dispatcher
-from mpr_server.service import DomainSettings, PickupService
-from mpr_server.stores.embedded import EmbeddedStore
+from mpr_server.app import build
+from mpr_server.config import load
 from tests.wsclient import RpcClient
 
 
 @pytest_twisted.async_yield_fixture
 async def server_port(reactor: Any, tmp_path: Path) -> AsyncIterator[int]:
-    store = EmbeddedStore(str(tmp_path), reactor)
+    config = load({"MPR_DATA_DIR": str(tmp_path), "SESSION_GRACE_MS": "0", "SLOW_READER_TIMEOUT_MS": "500"}, {})
+    server = build(config, reactor)
+    store, factory = server.store, server.factory
+    factory.max_blocked_bytes = 1024 * 1024
     await store.start()
-    service = PickupService(store, reactor, DomainSettings("i1", session_grace_ms=0))
-    factory = MediatorFactory(
-        service, Dispatcher(service, reactor), reactor, slow_reader_timeout_s=0.5, max_blocked_bytes=1024 * 1024
-    )
     port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     try:
         yield port.getHost().port

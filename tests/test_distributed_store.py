@@ -13,12 +13,13 @@ import pytest
 import pytest_twisted
 from twisted.logger import capturedLogs, formatEvent
 
-from mpr_server.redis.client import SingleRedisClient
+from mpr_server.errors import StoreUnavailable
+from mpr_server.model import TakeQuery
+from mpr_server.redis import SingleRedisClient
 from mpr_server.redis.cluster import ClusterRedisClient
 from mpr_server.redis.url import Address
-from mpr_server.stores.base import StoreUnavailable, TakeQuery
-from mpr_server.stores.distributed import DistributedStore
-from mpr_server.stores.mongo import ColdStore
+from mpr_server.stores.mongo.cold import ColdStore
+from mpr_server.stores.redis.store import RedisStore
 from tests.services import Mongo, RedisCluster, RedisSingle, start_or_skip
 from tests.store_contract import LEASE_MS, T0, A, StoreContract, add, add_many, cid, ids, lease
 
@@ -27,9 +28,9 @@ INSTANCE = A.instance  # the contract's sockets live on this instance
 
 def make_store(
     reactor: Any, redis: Any, mongo: Mongo, threshold_ms: int = 60_000, allow_evicting: bool = False
-) -> DistributedStore:
+) -> RedisStore:
     cold = ColdStore(f"{mongo.uri}/mpr_test_{uuid.uuid4().hex[:8]}", reactor)
-    return DistributedStore(
+    return RedisStore(
         redis,
         cold,
         reactor,
@@ -43,7 +44,7 @@ def make_store(
 
 class TestSingleRedisContract(StoreContract):
     @pytest_twisted.async_yield_fixture
-    async def store(self, reactor: Any, redis_single: RedisSingle, mongod: Mongo) -> AsyncIterator[DistributedStore]:
+    async def store(self, reactor: Any, redis_single: RedisSingle, mongod: Mongo) -> AsyncIterator[RedisStore]:
         store = make_store(reactor, SingleRedisClient(reactor, redis_single.url, timeout=2), mongod)
         await store.start()
         yield store
@@ -52,7 +53,7 @@ class TestSingleRedisContract(StoreContract):
 
 class TestClusterRedisContract(StoreContract):
     @pytest_twisted.async_yield_fixture
-    async def store(self, reactor: Any, redis_cluster: RedisCluster, mongod: Mongo) -> AsyncIterator[DistributedStore]:
+    async def store(self, reactor: Any, redis_cluster: RedisCluster, mongod: Mongo) -> AsyncIterator[RedisStore]:
         store = make_store(
             reactor, ClusterRedisClient(reactor, [Address(*n) for n in redis_cluster.nodes], timeout=2), mongod
         )
@@ -62,24 +63,24 @@ class TestClusterRedisContract(StoreContract):
 
 
 @pytest_twisted.async_yield_fixture
-async def tiered(reactor: Any, redis_single: RedisSingle, mongod: Mongo) -> AsyncIterator[DistributedStore]:
+async def tiered(reactor: Any, redis_single: RedisSingle, mongod: Mongo) -> AsyncIterator[RedisStore]:
     store = make_store(reactor, SingleRedisClient(reactor, redis_single.url, timeout=2), mongod, threshold_ms=1000)
     await store.start()
     yield store
     await store.stop()
 
 
-async def persist_all(store: DistributedStore, now_ms: int) -> int:
+async def persist_all(store: RedisStore, now_ms: int) -> int:
     moved = 0
     while True:
-        n = await store.persist_once(now_ms)
+        n = await store.tiering.persist_once(now_ms)
         if not n:
             return moved
         moved += n
 
 
 @pytest_twisted.ensureDeferred
-async def test_persisted_messages_read_like_hot_ones(tiered: DistributedStore) -> None:
+async def test_persisted_messages_read_like_hot_ones(tiered: RedisStore) -> None:
     c = cid()
     old = await add_many(tiered, c, 5)
     assert await persist_all(tiered, T0 + 10_000) >= 5
@@ -102,16 +103,16 @@ async def test_persisted_messages_read_like_hot_ones(tiered: DistributedStore) -
 
 
 @pytest_twisted.ensureDeferred
-async def test_persister_interrupted_between_mongo_and_redis_duplicates_nothing(tiered: DistributedStore) -> None:
+async def test_persister_interrupted_between_mongo_and_redis_duplicates_nothing(tiered: RedisStore) -> None:
     c = cid()
     sent = await add_many(tiered, c, 4)
 
     async def crash() -> None:
         raise RuntimeError("crash between the MongoDB write and the Redis removal")
 
-    tiered.before_offload_done = crash  # type: ignore[method-assign]
+    tiered.tiering.before_offload_done = crash  # type: ignore[method-assign]
     try:
-        await tiered.persist_once(T0 + 10_000)
+        await tiered.tiering.persist_once(T0 + 10_000)
     except RuntimeError:
         pass
     else:
@@ -119,7 +120,7 @@ async def test_persister_interrupted_between_mongo_and_redis_duplicates_nothing(
     # Written to MongoDB but still whole in Redis: readers see each message once.
     assert set(await tiered.cold.payloads(ids(sent))) == set(ids(sent))
     await tiered.remove(c, [sent[0].id])
-    del tiered.before_offload_done
+    del tiered.tiering.before_offload_done
     await tiered._exec(["DEL", *[f"mpr:lock:old:{{{n}}}" for n in range(16)]], "mpr:lock:old:{0}")
     await persist_all(tiered, T0 + 10_000)
     taken = await tiered.take(TakeQuery(c), A, lease())
@@ -160,25 +161,25 @@ async def test_evicting_redis_is_refused_unless_allowed(reactor: Any, mongod: Mo
 
 
 @pytest_twisted.ensureDeferred
-async def test_socket_tracking_forgets_ended_leases_but_keeps_sessions(tiered: DistributedStore) -> None:
+async def test_socket_tracking_forgets_ended_leases_but_keeps_sessions(tiered: RedisStore) -> None:
     c, live = cid(), cid()
     await add(tiered, c, 1)
     await tiered.take(TakeQuery(c), A, lease())
     await tiered.add_session(live, "s", A, lease())
-    assert {c, live} <= set(tiered._socket_connections[A])
+    assert {c, live} <= set(tiered.holders.holds(A))
     much_later = T0 + LEASE_MS + 120_000
     await tiered.release_expired(lease(much_later))
     # A long-lived mediator socket must not accumulate every connection it ever touched. (The
     # sweep may have redelivered other tests' messages on the shared Redis to A: only c and
     # live are this test's.)
-    assert c not in tiered._socket_connections[A]
-    assert live in tiered._socket_connections[A]
+    assert c not in tiered.holders.holds(A)
+    assert live in tiered.holders.holds(A)
     assert await tiered.remove_session(live, A, None)
-    assert live not in tiered._socket_connections.get(A, {})
+    assert live not in tiered.holders.holds(A)
 
 
 @pytest_twisted.ensureDeferred
-async def test_messages_left_by_an_original_deployment_are_queued_again(tiered: DistributedStore) -> None:
+async def test_messages_left_by_an_original_deployment_are_queued_again(tiered: RedisStore) -> None:
     c = cid()
     ours = await add(tiered, c, 0, now=T0 + 30_000)  # queued after the upgrade
     await persist_all(tiered, T0 + 60_000)  # our own documents must not be imported twice
@@ -196,8 +197,8 @@ async def test_messages_left_by_an_original_deployment_are_queued_again(tiered: 
         for n in (2, 1, 3)  # inserted out of time order
     ]
     await tiered.cold._collection.insert_many(originals)
-    assert await tiered.import_originals_once() == 3
-    assert await tiered.import_originals_once() == 0  # resumes after the last one
+    assert await tiered.originals.import_once() == 3
+    assert await tiered.originals.import_once() == 0  # resumes after the last one
     assert await tiered.count(c, "did:key:alice", T0) == 4
     taken = await tiered.take(TakeQuery(c, limit=3), A, lease())
     assert [m.payload for m in taken] == [

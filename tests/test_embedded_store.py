@@ -10,8 +10,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from mpr_server.model import NewMessage
-from mpr_server.stores.base import StoreUnavailable, TakeQuery
+from mpr_server.errors import StoreUnavailable
+from mpr_server.model import NewMessage, TakeQuery
 from mpr_server.stores.embedded import EmbeddedStore
 from tests.store_contract import T0, A, StoreContract, add, add_many, cid, ids, lease
 

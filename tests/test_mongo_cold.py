@@ -27,16 +27,9 @@ from twisted.internet import task
 from twisted.logger import capturedLogs, formatEvent
 from txmongo.connection import ConnectionPool
 
-from mpr_server.stores.base import StoreUnavailable
-from mpr_server.stores.mongo import (
-    DEFAULT_DB,
-    ColdMessage,
-    ColdStore,
-    MongoConfigError,
-    MongoTLS,
-    database_of,
-    parse_mongodb_uri,
-)
+from mpr_server.errors import StoreUnavailable
+from mpr_server.stores.mongo.cold import ColdMessage, ColdStore
+from mpr_server.stores.mongo.uri import DEFAULT_DB, MongoConfigError, MongoTLS, database_of, parse_mongodb_uri
 from tests.services import start_or_skip
 
 TIMEOUT_S = 1.5

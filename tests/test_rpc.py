@@ -20,11 +20,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.test import iosim
 
-from mpr_server.metrics import Metrics
-from mpr_server.protocol import MediatorFactory
-from mpr_server.rpc import Dispatcher, RpcLimits
-from mpr_server.service import DomainSettings, PickupService
-from mpr_server.stores.embedded import EmbeddedStore
+from mpr_server.app import build
+from mpr_server.config import load
 from tests.drive import drive
 from tests.wsclient import ABSENT, RpcClient, _Protocol
 
@@ -40,12 +37,21 @@ class Harness:
     def __init__(self, tmp_path: Path) -> None:
         self.clock = Clock()
         self.clock.advance(1_764_000_000)
-        self.store = EmbeddedStore(str(tmp_path), self.clock)
-        self.service = PickupService(self.store, self.clock, DomainSettings("i1"))
-        limits = RpcLimits(max_message_bytes=MAX_MESSAGE, max_batch=50, call_timeout_s=1.5)
-        self.metrics = Metrics()
-        self.dispatcher = Dispatcher(self.service, self.clock, limits, self.metrics)
-        self.factory = MediatorFactory(self.service, self.dispatcher, self.clock, max_frame_bytes=MAX_FRAME)
+        config = load(
+            {
+                "MPR_DATA_DIR": str(tmp_path),
+                "MPR_INSTANCE_ID": "i1",
+                "MAX_MESSAGE_BYTES": str(MAX_MESSAGE),
+                "MAX_FRAME_BYTES": str(MAX_FRAME),
+            },
+            {},
+        )
+        self.server = build(config, self.clock)
+        self.store = self.server.store
+        self.service = self.server.pickup
+        self.metrics = self.server.metrics
+        self.dispatcher = self.server.dispatcher
+        self.factory = self.server.factory
         self.pumps: list[iosim.IOPump] = []
         self.run(self.store.start())
 
@@ -200,7 +206,7 @@ def test_empty_and_oversize_batches(h: Harness, c: RpcClient) -> None:
         "error": {"code": -32600, "message": "Invalid Request", "data": "Invalid array"},
         "id": None,
     }
-    big = [{"jsonrpc": "2.0", "method": "ping", "id": i} for i in range(1, 52)]
+    big = [{"jsonrpc": "2.0", "method": "ping", "id": i} for i in range(1, 1002)]
     assert error_of(h.raw(c, orjson.dumps(big))) == (-32600, "Invalid Request")
     assert h.call(c, "ping") == "pong"
 

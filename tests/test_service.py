@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -11,10 +11,10 @@ import orjson
 import pytest
 from twisted.internet.task import Clock
 
-from mpr_server.push.model import PushToken
+from mpr_server.model import PushToken, QueuedMessage, TakeQuery
 from mpr_server.service import DomainSettings, PickupService
-from mpr_server.stores.base import TakeQuery
 from mpr_server.stores.embedded import EmbeddedStore
+from mpr_server.wire.frames import notification_frames
 from tests.drive import drive
 
 T = TypeVar("T")
@@ -24,13 +24,13 @@ TOKEN = PushToken("fcm", "device-1")
 
 
 class Sink:
-    """A mediator socket as the domain sees it: records notification frames."""
+    """A mediator socket as the domain sees it: records the notification frames the wire would send."""
 
     def __init__(self) -> None:
         self.frames: list[dict[str, Any]] = []
 
-    def send_notification(self, frame: bytes) -> None:
-        self.frames.append(orjson.loads(frame))
+    def notify(self, connection_id: str, messages: Sequence[QueuedMessage]) -> None:
+        self.frames.extend(orjson.loads(frame) for frame in notification_frames(connection_id, messages))
 
     def message_ids(self) -> list[str]:
         return [m["id"] for f in self.frames for m in f["params"]["messages"]]

@@ -5,19 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 
-
-@dataclass(frozen=True)
-class PushToken:
-    """A device token as the mediator sends it: ``type`` "fcm" means FCM, anything else APNs."""
-
-    type: str
-    token: str
+from mpr_server._async import deadline
+from mpr_server.model import PushToken as PushToken  # the value type the providers send to
 
 
 def token_hash(token: str) -> str:
@@ -70,14 +63,10 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 async def send_within(provider: str, attempt: Coroutine[Any, Any, None], timeout_s: float, clock: IReactorTime) -> None:
     """Run one provider request with a deadline; anything but a classified PushError (a timeout, a
     transport failure) becomes a TemporaryPushError, so the caller retries it."""
-    d = Deferred.fromCoroutine(attempt)
-    d.addTimeout(timeout_s, clock)
     try:
-        await d
+        await deadline(attempt, timeout_s, clock, lambda: TemporaryPushError(f"{provider} request timed out"))
     except PushError:
         raise
-    except TimeoutError as e:
-        raise TemporaryPushError(f"{provider} request timed out") from e
     except Exception as e:
         raise TemporaryPushError(f"{provider} transport error: {e!r}") from e
 

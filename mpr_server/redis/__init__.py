@@ -3,18 +3,13 @@
 Nothing outside this package imports txredisapi: the stores use `RedisClient`.
 """
 
-from .client import (
-    MessageCallback,
-    ReconnectCallback,
-    RedisClient,
-    SingleRedisClient,
-    Subscription,
-    TLSOptions,
-    client_from_settings,
-)
+from .base import MessageCallback, ReconnectCallback, RedisClient, Subscription
 from .cluster import ClusterRedisClient
+from .connection import TLSOptions
 from .errors import RedisError, RedisNotConnected, RedisResponseError, RedisUnavailable
+from .factory import client_from_settings
 from .script import Script
+from .single import SingleRedisClient
 from .slots import key_slot
 from .url import Address, RedisURL, parse_natmap, parse_nodes, parse_redis_url
 

@@ -22,9 +22,13 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._node import Arg, Channel, ConnectionSettings, NodePool, PubSubConnection, TLSOptions, to_text
-from .client import _ClientBase, _name
+from mpr_server._async import Waiters
+
+from .base import ClientBase
+from .connection import Arg, ConnectionSettings, TLSOptions, command_name, to_text
 from .errors import RedisNotConnected, RedisResponseError, RedisUnavailable
+from .pool import NodePool
+from .pubsub import Channel, PubSubConnection
 from .slots import SLOT_COUNT, key_slot
 from .url import Address, parse_address
 
@@ -52,7 +56,7 @@ def parse_cluster_slots(reply: Any, asked: Address, natmap: Mapping[Address, Add
     return slots
 
 
-class ClusterRedisClient(_ClientBase):
+class ClusterRedisClient(ClientBase):
     """A Redis Cluster client (REDIS_TYPE=cluster, REDIS_NODES, REDIS_NATMAP)."""
 
     _log = Logger()
@@ -95,7 +99,7 @@ class ClusterRedisClient(_ClientBase):
         self._masters: list[Address] = []
         self._pools: dict[Address, NodePool] = {}
         self._refresh_running = False
-        self._refresh_waiters: list[Deferred[None]] = []
+        self._refreshed: Waiters[None] = Waiters()
         # pub/sub: where each subscribed channel lives, and a connection per node
         self._homes: dict[Channel, Address] = {}
         self._pubsubs: dict[Address, PubSubConnection] = {}
@@ -125,8 +129,7 @@ class ClusterRedisClient(_ClientBase):
     def refresh_slots(self) -> Deferred[None]:
         """Reload the slot map (one refresh at a time; callers share it). Cancelling
         the returned Deferred does not stop the refresh for the others."""
-        waiter: Deferred[None] = Deferred()
-        self._refresh_waiters.append(waiter)
+        waiter = self._refreshed.wait()
         if not self._refresh_running:
             self._refresh_running = True
             Deferred.fromCoroutine(self._run_refresh())
@@ -139,13 +142,10 @@ class ClusterRedisClient(_ClientBase):
         except Exception:
             failure = Failure()
         self._refresh_running = False
-        waiters, self._refresh_waiters = self._refresh_waiters, []
-        for waiter in waiters:
-            if not waiter.called:
-                if failure is None:
-                    waiter.callback(None)
-                else:
-                    waiter.errback(failure)
+        if failure is None:
+            self._refreshed.fire(None)
+        else:
+            self._refreshed.fail(failure.value)  # type: ignore[arg-type]
 
     async def _load_slots(self) -> None:
         candidates = list(dict.fromkeys([*self._masters, *self._seeds]))
@@ -238,7 +238,7 @@ class ClusterRedisClient(_ClientBase):
                 # open while the cluster fails it over; only a fresh map moves us away
                 self._refresh_in_background()
                 raise
-        raise RedisUnavailable(f"Redis Cluster: too many redirects for {_name(args)}")
+        raise RedisUnavailable(f"Redis Cluster: too many redirects for {command_name(args)}")
 
     def _redirect(self, error: RedisResponseError) -> tuple[int, Address]:
         # "MOVED 3999 127.0.0.1:6381" / "ASK 3999 127.0.0.1:6381"

@@ -9,52 +9,15 @@ by the caller (milliseconds since the epoch) so that the domain's injected clock
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
-from mpr_server.model import AddResult, Delivery, NewMessage, QueuedMessage, SocketRef
-from mpr_server.push.model import PushToken
-
-
-class StoreUnavailable(Exception):
-    """The store cannot be reached or failed; the call may be retried later."""
-
-
-class QueueFull(Exception):
-    """The connection's queue holds the configured maximum number of messages."""
-
-
-@dataclass(frozen=True)
-class TakeQuery:
-    connection_id: str
-    recipient_did: str | None = None
-    limit: int = 0  # 0: no count limit
-    limit_bytes: int = 0  # 0: no size limit
-    delete: bool = False
-
-
-@dataclass(frozen=True)
-class Lease:
-    """When a lease taken now ends: ``now_ms`` and ``until_ms`` (both epoch milliseconds)."""
-
-    now_ms: int
-    until_ms: int
-
-
-@dataclass(frozen=True)
-class SocketRelease:
-    """Outcome of a socket going away: sessions it lost, redeliveries to other sessions, and the
-    pushes held back while the dropped sessions were away (token, message id)."""
-
-    dropped_connections: Sequence[str]
-    deliveries: Sequence[Delivery]
-    held_pushes: Sequence[tuple[PushToken, str]] = ()
+from mpr_server.model import AddResult, Delivery, Lease, NewMessage, QueuedMessage, SocketRef, SocketRelease, TakeQuery
 
 
 class MessageStore(Protocol):
     """Queued messages, leases and live sessions.
 
-    Every method may raise :class:`StoreUnavailable`. A message is *pending* when it has no lease or
+    Every method may raise :class:`~mpr_server.errors.StoreUnavailable`. A message is *pending* when it has no lease or
     its lease has ended; take and count see only pending messages.
     """
 

@@ -19,12 +19,22 @@ from typing import IO, Any, TypeVar
 
 import orjson
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mpr_server.model import AddResult, Delivery, NewMessage, QueuedMessage, SocketRef
-from mpr_server.push.model import PushToken
-from mpr_server.stores.base import Lease, QueueFull, SocketRelease, StoreUnavailable, TakeQuery
+from mpr_server._async import Batcher
+from mpr_server.errors import QueueFull, StoreUnavailable
+from mpr_server.model import (
+    AddResult,
+    Delivery,
+    Lease,
+    NewMessage,
+    PushToken,
+    QueuedMessage,
+    SocketRef,
+    SocketRelease,
+    TakeQuery,
+)
 
 T = TypeVar("T")
 
@@ -86,8 +96,9 @@ class EmbeddedStore:
         self._synchronous = synchronous
         self._db: sqlite3.Connection | None = None
         self._lock: IO[bytes] | None = None
-        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], Deferred[Any]]] = []
-        self._flush_call: IDelayedCall | None = None
+        self._batch: Batcher[tuple[Callable[[sqlite3.Connection], Any], Deferred[Any]]] = Batcher(
+            reactor, 0, self._commit
+        )
         self._sessions: dict[str, _Session] = {}
         self._by_holder: defaultdict[SocketRef, set[str]] = defaultdict(set)
         # the last push held back per connection while its session's socket was away
@@ -127,9 +138,7 @@ class EmbeddedStore:
         )
 
     async def stop(self) -> None:
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-            self._flush()
+        self._batch.flush_now()
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -143,17 +152,11 @@ class EmbeddedStore:
         if self._db is None:
             raise StoreUnavailable("embedded store is not open")
         d: Deferred[T] = Deferred()
-        self._queue.append((op, d))
-        if self._flush_call is None:
-            self._flush_call = self._reactor.callLater(0, self._flush)
+        self._batch.add((op, d))
         return d
 
-    def _flush(self) -> None:
-        self._flush_call = None
-        batch, self._queue = self._queue, []
+    def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Deferred[Any]]]) -> None:
         db = self._db
-        if not batch:
-            return
         if db is None:
             for _, d in batch:
                 d.errback(StoreUnavailable("embedded store is closed"))

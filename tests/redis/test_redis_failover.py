@@ -25,6 +25,8 @@ from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
+from mpr_server.errors import StoreUnavailable
+from mpr_server.model import TakeQuery
 from mpr_server.redis import (
     Address,
     ClusterRedisClient,
@@ -34,8 +36,7 @@ from mpr_server.redis import (
     SingleRedisClient,
     key_slot,
 )
-from mpr_server.stores.base import StoreUnavailable, TakeQuery
-from mpr_server.stores.distributed import tag as connection_tag
+from mpr_server.stores.redis.keys import tag as connection_tag
 from tests.redis.events import Inbox
 from tests.services import Mongo, start_or_skip
 from tests.store_contract import T0, A, add, cid, ids, lease

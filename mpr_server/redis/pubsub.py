@@ -1,204 +1,27 @@
-"""Connections to one Redis node, built on txredisapi (internal to mpr_server.redis).
-
-`NodePool` is a lazily connecting, self-reconnecting txredisapi connection pool
-whose calls raise our exceptions. `PubSubConnection` is a self-reconnecting
-subscriber connection with (sharded) pub/sub, which txredisapi lacks, that
-resubscribes after every reconnect.
-"""
+"""`PubSubConnection`: a self-reconnecting subscriber connection to one node with (sharded)
+pub/sub, which txredisapi lacks, that resubscribes after every reconnect (internal to
+mpr_server.redis)."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, cast
 
 import txredisapi
 from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from .errors import RedisNotConnected, RedisResponseError, RedisUnavailable
+from mpr_server._async import Waiters
+
+from .connection import Arg, ConnectionSettings, make_endpoint, to_text
+from .errors import RedisResponseError, RedisUnavailable
 from .url import Address
-
-Arg = str | bytes | int | float
-
-
-@dataclass(frozen=True)
-class TLSOptions:
-    """Verified TLS: the server certificate must chain to ``trust_root`` (default: the
-    platform's CA store) and match the host name we connect to."""
-
-    trust_root: Any = None  # IOpenSSLTrustRoot, e.g. ssl.Certificate.loadPEM(...)
-    client_certificate: Any = None  # ssl.PrivateCertificate for mutual TLS
-
-    def connection_creator(self, host: str) -> Any:
-        return optionsForClientTLS(
-            host,
-            trustRoot=self.trust_root if self.trust_root is not None else platformTrust(),
-            clientCertificate=self.client_certificate,
-        )
-
-
-@dataclass(frozen=True)
-class ConnectionSettings:
-    """How to connect to every node (the same for all nodes of a cluster)."""
-
-    password: str | None = field(default=None, repr=False)
-    username: str | None = None
-    db: int = 0
-    tls: TLSOptions | None = None
-    pool_size: int = 4
-    connect_timeout: float = 5.0
-    reconnect_max_delay: float = 2.0
-    decode_responses: bool = True
-    ping_interval: float | None = 15.0
-
-
-@implementer(IStreamClientEndpoint)
-class _NoDelayEndpoint:
-    """TCP endpoint whose connections have Nagle's algorithm off: commands are small and
-    pipelined, and must not wait for the ACK of the previous one."""
-
-    def __init__(self, inner: IStreamClientEndpoint) -> None:
-        self._inner = inner
-
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        def no_delay(protocol: IProtocol) -> IProtocol:
-            set_no_delay = getattr(getattr(protocol, "transport", None), "setTcpNoDelay", None)
-            if set_no_delay is not None:
-                set_no_delay(True)
-            return protocol
-
-        return self._inner.connect(protocolFactory).addCallback(no_delay)
-
-
-def make_endpoint(reactor: Any, address: Address, settings: ConnectionSettings) -> IStreamClientEndpoint:
-    endpoint: IStreamClientEndpoint = _NoDelayEndpoint(
-        HostnameEndpoint(reactor, address.host, address.port, timeout=settings.connect_timeout)
-    )
-    if settings.tls is not None:
-        endpoint = wrapClientTLS(settings.tls.connection_creator(address.host), endpoint)
-    return endpoint
-
-
-def to_text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
-
-
-def convert_reply(reply: Any) -> Any:
-    """Replace txredisapi's error objects nested in a reply (EXEC, Lua tables) with ours."""
-    if isinstance(reply, list):
-        return [convert_reply(item) for item in reply]
-    if isinstance(reply, txredisapi.ResponseError):
-        return RedisResponseError(str(reply))
-    return reply
-
-
-def _command_name(args: Sequence[Arg]) -> str:
-    return to_text(args[0]).upper() if args else "?"
-
-
-class NodePool:
-    """A pool of connections to one node; connects lazily and reconnects by itself."""
-
-    _log = Logger()
-
-    def __init__(self, reactor: IReactorTCP, address: Address, settings: ConnectionSettings) -> None:
-        self.address = address
-        factory = txredisapi.RedisFactory(
-            str(address),
-            settings.db or None,
-            settings.pool_size,
-            isLazy=True,
-            charset="utf-8" if settings.decode_responses else None,
-            password=settings.password,
-            replyTimeout=None,
-            convertNumbers=False,
-            username=settings.username,
-        )
-        factory.initialDelay = 0.1
-        factory.factor = 2.0
-        factory.maxDelay = settings.reconnect_max_delay  # type: ignore[assignment]
-        # a lazy pool reports a failed AUTH/SELECT here, and only here
-        factory.deferred.addErrback(self._connect_failed)
-        factory.startConnecting(make_endpoint(reactor, address, settings))
-        self._factory = factory
-        self._had_connection = False
-        self._last_connection: Any = None
-        self._closed = False
-
-    def _connect_failed(self, failure: Failure) -> None:
-        self._log.error(
-            "Redis {address}: {error}; not retrying", address=str(self.address), error=failure.getErrorMessage()
-        )
-
-    @property
-    def connected(self) -> bool:
-        # a new connection is handed to waiters before the pool counts it
-        last = self._last_connection
-        return bool(self._factory.size) or (last is not None and bool(last.connected))
-
-    async def wait_connected(self) -> None:
-        """Wait until the pool has a live connection (no timeout: wrap it)."""
-        try:
-            self._last_connection = await self._factory.getConnection(peek=True)
-        except txredisapi.ConnectionError as e:
-            raise RedisNotConnected(f"Redis {self.address}: {e}") from None
-        self._had_connection = True
-
-    async def execute(self, args: Sequence[Arg], *, asking: bool = False) -> Any:
-        """Send one command (after ASKING on the same connection if asked to).
-
-        Raises RedisNotConnected without sending when a pool that was connected has
-        lost every connection (fail fast while the node is down), RedisUnavailable
-        when the connection is lost with the command in flight, RedisResponseError
-        for error replies. No timeout here: callers put one on the whole call.
-        """
-        if self._closed:
-            raise RedisNotConnected(f"Redis client for {self.address} is closed")
-        if self._had_connection and not self.connected:
-            raise RedisNotConnected(f"no connection to Redis at {self.address}")
-        try:
-            conn = await self._factory.getConnection(peek=True)
-        except txredisapi.ConnectionError as e:
-            raise RedisNotConnected(f"Redis {self.address}: {e}") from None
-        self._had_connection = True
-        self._last_connection = conn
-        try:
-            if asking:
-                # written back to back with the command: same connection, in order
-                conn.execute_command("ASKING").addErrback(lambda _: None)
-            reply = conn.execute_command(*args)
-        except txredisapi.ConnectionError as e:
-            raise RedisNotConnected(f"Redis {self.address}: {e}") from None
-        except txredisapi.InvalidData as e:
-            raise ValueError(f"cannot encode {_command_name(args)} arguments: {e}") from None
-        try:
-            return convert_reply(await reply)
-        except txredisapi.ResponseError as e:
-            raise RedisResponseError(str(e)) from None
-        except txredisapi.ConnectionError as e:
-            raise RedisUnavailable(f"Redis {self.address} during {_command_name(args)}: {e}") from None
-
-    async def close(self) -> None:
-        self._closed = True
-        await self._factory.disconnect()
-
-
-# ---------------------------------------------------------------------------
-# pub/sub
 
 
 class _PubSubProtocol(txredisapi.RedisProtocol):
@@ -284,7 +107,7 @@ class PubSubConnection:
         self._on_lost = on_lost
         self._on_channel_lost = on_channel_lost
         self._proto: _PubSubProtocol | None = None  # set once the handshake is done
-        self._ready_waiters: list[Deferred[_PubSubProtocol]] = []
+        self._ready: Waiters[_PubSubProtocol] = Waiters()
         self._handshake_failures = 0
         self._connected_before = False
         self._running = False
@@ -377,10 +200,7 @@ class PubSubConnection:
             raise RedisUnavailable(f"Redis {self.address}: connection lost during the pub/sub set-up")
         self._proto = proto
         self._handshake_failures = 0
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for waiter in waiters:
-            if not waiter.called:
-                waiter.callback(proto)
+        self._ready.fire(proto)
         if self._connected_before:
             self._log.info("Redis pub/sub connection to {address} re-established", address=str(self.address))
             self._on_reconnected(self, sorted(self.channels))
@@ -432,9 +252,7 @@ class PubSubConnection:
         """The connection once its handshake is done (waits across reconnects)."""
         if self._proto is not None:
             return succeed(self._proto)
-        d: Deferred[_PubSubProtocol] = Deferred()
-        self._ready_waiters.append(d)
-        return d
+        return self._ready.wait()
 
     async def unsubscribe(self, channel: str, sharded: bool) -> None:
         """Forget the channel and tell the server if connected (best effort)."""
@@ -458,17 +276,5 @@ class PubSubConnection:
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         self._proto = None
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for waiter in waiters:
-            waiter.cancel()
+        self._ready.cancel()
         await self._service.stopService()
-
-
-async def with_timeout(reactor: IReactorTime, coro: Any, timeout: float, what: str) -> Any:
-    """Await a coroutine, cancelling it and raising RedisUnavailable after `timeout` s."""
-    d: Deferred[Any] = Deferred.fromCoroutine(coro)
-    d.addTimeout(timeout, reactor)
-    try:
-        return await d
-    except DeferredTimeoutError:
-        raise RedisUnavailable(f"no answer from Redis within {timeout:g} s ({what})") from None

@@ -13,6 +13,8 @@ Keys of a connection (KEYS, in this order, see ``ConnectionKeys``):
 7. ``n`` sequence counter
 8. ``t`` the push held back while the session's socket is away: JSON {type, token, id}
 
+Each script's reply is decoded by the function of the same name in ``replies.py``.
+
 Liveness: scripts get the JSON list of live instances and a cutoff; a session or lease of an
 instance not in the list is dead unless it was made after the cutoff (a new instance may not yet
 be in every caller's cached list).
@@ -20,7 +22,7 @@ be in every caller's cached list).
 
 from __future__ import annotations
 
-from mpr_server.redis.script import Script
+from mpr_server.redis import Script
 
 PRELUDE = r"""
 local KP, KL, KH, KM, KB, KS, KN, KT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]

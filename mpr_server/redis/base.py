@@ -1,28 +1,20 @@
-"""The typed Redis client the stores use: one interface, a single-server and a
-cluster implementation (see cluster.py). txredisapi stays behind it."""
+"""The typed Redis client the stores use: the interface, and what the single-server
+(single.py) and cluster (cluster.py) clients share. txredisapi stays behind it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ._node import Arg, Channel, ConnectionSettings, NodePool, PubSubConnection, TLSOptions, with_timeout
-from .errors import RedisResponseError
-from .script import Script
-from .url import Address, RedisURL, parse_redis_url
+from mpr_server._async import deadline
 
-__all__ = [
-    "Arg",
-    "MessageCallback",
-    "ReconnectCallback",
-    "RedisClient",
-    "SingleRedisClient",
-    "Subscription",
-    "TLSOptions",
-]
+from .connection import Arg, ConnectionSettings, command_name
+from .errors import RedisResponseError, RedisUnavailable
+from .pubsub import Channel, PubSubConnection
+from .script import Script
+from .url import Address
 
 #: called with (channel, message) for every message on a subscribed channel
 MessageCallback = Callable[[str, Any], object]
@@ -35,7 +27,7 @@ class Subscription:
 
     def __init__(
         self,
-        client: _ClientBase,
+        client: ClientBase,
         channel: str,
         sharded: bool,
         callback: MessageCallback,
@@ -112,7 +104,7 @@ class RedisClient(Protocol):
         """Close every connection; the client is unusable afterwards."""
 
 
-class _ClientBase:
+class ClientBase:
     """Timeouts, scripts, config and subscription bookkeeping shared by both clients."""
 
     _log = Logger()
@@ -144,7 +136,13 @@ class _ClientBase:
     # -- helpers
 
     async def _timed(self, coro: Coroutine[Any, Any, Any], timeout: float | None, what: str) -> Any:
-        return await with_timeout(self._reactor, coro, self.timeout if timeout is None else timeout, what)
+        seconds = self.timeout if timeout is None else timeout
+        return await deadline(
+            coro,
+            seconds,
+            self._reactor,
+            lambda: RedisUnavailable(f"no answer from Redis within {seconds:g} s ({what})"),
+        )
 
     async def _eval(self, script: Script, keys: Sequence[str | bytes], args: Sequence[Arg]) -> Any:
         key = keys[0] if keys else None
@@ -162,7 +160,7 @@ class _ClientBase:
     async def execute(
         self, args: Sequence[Arg], *, key: str | bytes | None = None, timeout: float | None = None
     ) -> Any:
-        return await self._timed(self._execute(args, key), timeout, _name(args))
+        return await self._timed(self._execute(args, key), timeout, command_name(args))
 
     async def eval_script(
         self,
@@ -182,7 +180,7 @@ class _ClientBase:
         return int(await self._timed(coro, timeout, "PUBLISH"))
 
     async def execute_on_all_nodes(self, args: Sequence[Arg], *, timeout: float | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = await self._timed(self._execute_all(args), timeout, _name(args))
+        result: dict[str, Any] = await self._timed(self._execute_all(args), timeout, command_name(args))
         return result
 
     async def get_config(self, name: str, *, timeout: float | None = None) -> dict[str, str | None]:
@@ -268,94 +266,5 @@ class _ClientBase:
         """The server dropped a subscription (slot moved)."""
 
 
-def _name(args: Sequence[Arg]) -> str:
-    first = args[0] if args else "?"
-    return (first.decode("utf-8", "replace") if isinstance(first, bytes) else str(first)).upper()
-
-
-class SingleRedisClient(_ClientBase):
-    """A client for one Redis server (REDIS_URL): a lazy txredisapi pool plus one
-    pub/sub connection opened on the first subscribe. Sharded pub/sub is plain
-    pub/sub here (the same thing on one server, and it works before Redis 7)."""
-
-    def __init__(
-        self,
-        reactor: Any,
-        url: RedisURL | str,
-        *,
-        timeout: float = 5.0,
-        pool_size: int = 4,
-        connect_timeout: float = 5.0,
-        reconnect_max_delay: float = 2.0,
-        decode_responses: bool = True,
-        tls: TLSOptions | None = None,
-        ping_interval: float | None = 15.0,
-    ) -> None:
-        parsed = parse_redis_url(url) if isinstance(url, str) else url
-        if parsed.tls and tls is None:
-            tls = TLSOptions()
-        if tls is not None and not parsed.tls:
-            raise ValueError("TLS options given for a redis:// URL; use rediss://")
-        settings = ConnectionSettings(
-            password=parsed.password,
-            username=parsed.username,
-            db=parsed.db,
-            tls=tls,
-            pool_size=pool_size,
-            connect_timeout=connect_timeout,
-            reconnect_max_delay=reconnect_max_delay,
-            decode_responses=decode_responses,
-            ping_interval=ping_interval,
-        )
-        super().__init__(reactor, settings, timeout)
-        self.url = parsed
-        self._pool = NodePool(reactor, parsed.address, settings)
-        self._pubsub: PubSubConnection | None = None
-
-    def _wire_sharded(self, sharded: bool) -> bool:
-        return False
-
-    async def _execute(self, args: Sequence[Arg], key: str | bytes | None) -> Any:
-        return await self._pool.execute(args)
-
-    async def _execute_all(self, args: Sequence[Arg]) -> dict[str, Any]:
-        return {str(self.url.address): await self._pool.execute(args)}
-
-    async def _pubsub_subscribe(self, channel: str, sharded: bool) -> None:
-        if self._pubsub is None:
-            self._pubsub = self._new_pubsub(self.url.address)
-        await self._pubsub.subscribe(channel, sharded)
-
-    async def _pubsub_unsubscribe(self, channel: str, sharded: bool) -> None:
-        if self._pubsub is not None:
-            await self._pubsub.unsubscribe(channel, sharded)
-
-    async def wait_ready(self, timeout: float | None = None) -> None:
-        await self._timed(self._pool.wait_connected(), timeout, "connect")
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._pubsub is not None:
-            await self._pubsub.close()
-        await self._pool.close()
-
-
-def client_from_settings(
-    reactor: IReactorTime,
-    *,
-    url: str | None = None,
-    cluster_nodes: Sequence[Address] | None = None,
-    natmap: dict[Address, Address] | None = None,
-    **options: Any,
-) -> RedisClient:
-    """Build a single-server client from a URL or a cluster client from node
-    addresses (REDIS_NODES); options are passed to the client's constructor."""
-    if cluster_nodes:
-        from .cluster import ClusterRedisClient
-
-        return ClusterRedisClient(reactor, cluster_nodes, natmap=natmap or {}, **options)
-    if url is None:
-        raise ValueError("either a Redis URL or cluster nodes are needed")
-    return SingleRedisClient(reactor, url, **options)
+def _no_answer(seconds: float, what: str) -> RedisUnavailable:
+    return RedisUnavailable(f"no answer from Redis within {seconds:g} s ({what})")

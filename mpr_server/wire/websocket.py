@@ -4,18 +4,22 @@ dispatcher (frames in, frames out) and to the domain (socket open/close, notific
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mpr_server._async import Waiters
 from mpr_server.auth import AuthenticationFailed, Authenticator, AuthSettings
-from mpr_server.rpc import CallContext, Dispatcher
+from mpr_server.model import QueuedMessage
 from mpr_server.service import PickupService
+from mpr_server.wire.frames import notification_frames
+from mpr_server.wire.jsonrpc import CallContext, Dispatcher
 
 GOING_AWAY = 1001
 MAX_SOCKET_ID = 256
@@ -131,8 +135,9 @@ class MediatorProtocol(WebSocketServerProtocol):
         # The dispatcher turns every error into a reply; reaching here is a bug: log it loudly.
         self._log.failure("unhandled error answering socket {socket_id}", failure, socket_id=self.socket_id)
 
-    def send_notification(self, frame: bytes) -> None:
-        self._write_frame(frame)
+    def notify(self, connection_id: str, messages: Sequence[QueuedMessage]) -> None:
+        for frame in notification_frames(connection_id, messages):
+            self._write_frame(frame)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._blocked is not None and self._blocked.active():
@@ -170,7 +175,7 @@ class MediatorFactory(WebSocketServerFactory):
         self.service = service
         self.dispatcher = dispatcher
         self.sockets: set[MediatorProtocol] = set()
-        self._closed_waiters: list[Deferred[None]] = []
+        self._all_closed: Waiters[None] = Waiters()
         self.setProtocolOptions(
             webStatus=False,
             maxFramePayloadSize=max_frame_bytes,
@@ -193,21 +198,14 @@ class MediatorFactory(WebSocketServerFactory):
         self.sockets.discard(protocol)
         self.service.socket_closed(protocol.socket_id, protocol, protocol.explicit_id)
         if not self.sockets:
-            waiters, self._closed_waiters = self._closed_waiters, []
-            for d in waiters:
-                d.callback(None)
+            self._all_closed.fire(None)
 
     def close_all(self, timeout_s: float, clock: IReactorTime) -> Deferred[Any]:
         """Send 1001 to every socket and fire when all are closed (or after ``timeout_s``)."""
         if not self.sockets:
-            return Deferred.fromCoroutine(_done())
-        d: Deferred[None] = Deferred()
-        self._closed_waiters.append(d)
+            return succeed(None)
+        d = self._all_closed.wait()
         for protocol in list(self.sockets):
             protocol.going_away()
         d.addTimeout(timeout_s, clock)
         return DeferredList([d], consumeErrors=True)
-
-
-async def _done() -> None:
-    return None

@@ -1,0 +1,1 @@
+"""MongoDB: the cold tier of the Redis store."""

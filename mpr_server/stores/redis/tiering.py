@@ -1,0 +1,103 @@
+"""The cold tier: payloads of messages older than THRESHOLD_TIMESTAMP move to MongoDB, their
+metadata stays in Redis (so queue order, leases and counts never span two systems), and the
+``Persister`` does it on a timer in every instance (work claimed per bucket, no leader)."""
+
+from __future__ import annotations
+
+from twisted.application.internet import TimerService
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mpr_server.redis import RedisClient
+from mpr_server.stores.mongo.cold import ColdMessage, ColdStore
+from mpr_server.stores.redis import replies
+from mpr_server.stores.redis import scripts as lua
+from mpr_server.stores.redis.calls import execute, run_script
+from mpr_server.stores.redis.claims import Claims
+from mpr_server.stores.redis.indexes import IndexWriter
+from mpr_server.stores.redis.keys import BUCKETS, old_key, split_entry
+from mpr_server.stores.redis.replies import as_text
+from mpr_server.stores.redis.upgrade import OriginalImport
+
+IMPORT_INTERVAL_S = 600.0  # how often to look for documents of an original deployment
+
+
+class Tiering:
+    def __init__(
+        self, redis: RedisClient, cold: ColdStore, indexes: IndexWriter, claims: Claims, threshold_ms: int
+    ) -> None:
+        self._redis = redis
+        self._cold = cold
+        self._indexes = indexes
+        self._claims = claims
+        self._threshold_ms = threshold_ms
+
+    async def persist_once(self, now_ms: int, batch: int = 200) -> int:
+        """Move payloads older than the threshold to MongoDB; returns how many moved. Idempotent and
+        safe to interrupt anywhere: Mongo upsert first, then the Redis body is dropped only if the
+        message is still there, then the index entry goes."""
+        await self._indexes.write()
+        moved = 0
+        for n in range(BUCKETS):
+            async with self._claims.claimed(f"old:{{{n}}}", 30_000) as claimed:
+                if claimed:
+                    moved += await self._persist_bucket(old_key(n), now_ms - self._threshold_ms, batch)
+        return moved
+
+    async def _persist_bucket(self, key: str, older_than_ms: int, batch: int) -> int:
+        entries = await execute(self._redis, ["ZRANGEBYSCORE", key, "-inf", older_than_ms, "LIMIT", 0, batch], key)
+        if not entries:
+            return 0
+        found: list[tuple[str, ColdMessage]] = []
+        gone: list[str] = []
+        for entry in map(as_text, entries):
+            connection_id, message_id = split_entry(entry)
+            read = replies.offload_read(await run_script(self._redis, lua.OFFLOAD_READ, connection_id, [message_id]))
+            if read is None:
+                gone.append(entry)
+                continue
+            found.append(
+                (entry, ColdMessage(message_id, connection_id, read.recipient_dids, read.body, read.received_at_ms))
+            )
+        await self._cold.save([m for _, m in found])
+        await self.before_offload_done()
+        removed_meanwhile = []
+        for entry, m in found:
+            if not replies.flag(await run_script(self._redis, lua.OFFLOAD_DONE, m.connection_id, [m.message_id])):
+                removed_meanwhile.append(m.message_id)
+            gone.append(entry)
+        await self._cold.delete(removed_meanwhile)
+        await execute(self._redis, ["ZREM", key, *gone], key)
+        return len(found)
+
+    async def before_offload_done(self) -> None:
+        """A seam for fault-injection tests: runs between the MongoDB write and the Redis removal."""
+
+
+class Persister(TimerService):
+    """Runs the move to MongoDB (and the import of an original deployment's documents) every
+    ``interval_s`` in every instance. A failing tick logs; the next one retries."""
+
+    _log = Logger()
+
+    def __init__(self, tiering: Tiering, originals: OriginalImport, clock: IReactorTime, interval_s: float) -> None:
+        super().__init__(interval_s, self._tick)
+        self.clock = clock
+        self._clock = clock
+        self._tiering = tiering
+        self._originals = originals
+        self._next_import = 0.0
+
+    async def _tick(self) -> None:
+        now = self._clock.seconds()
+        try:
+            moved = await self._tiering.persist_once(int(now * 1000))
+            if now >= self._next_import:
+                # Documents of an original deployment: all of them at start-up, then new ones.
+                seen = await self._originals.import_once()
+                self._next_import = now if seen else now + IMPORT_INTERVAL_S
+        except Exception as e:
+            self._log.warn("persister tick failed, the next tick retries: {error}", error=f"{type(e).__name__}: {e}")
+            return
+        if moved:
+            self._log.debug("persisted {moved} messages to MongoDB", moved=moved)
