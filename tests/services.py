@@ -1,39 +1,26 @@
 """Session-scoped fixtures that run real Redis, Redis Cluster and mongod servers.
 
-The servers are started by scripts/services.py on free 127.0.0.1 ports, once per
-test session, and stopped (by pid) at the end of it. With
+The servers are started by the scripts.services package on free 127.0.0.1 ports,
+once per test session, and stopped (by pid) at the end of it. With
 MPR_TEST_REQUIRE_SERVICES=1 (CI) a server that cannot be installed or started
 fails the tests that need it; otherwise they are skipped, loudly.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
-from typing import Any, NoReturn
+from typing import NoReturn, TypeVar
 
 import pytest
 
-_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "services.py"
+from scripts.services.mongo import start_mongod
+from scripts.services.process import ServiceError
+from scripts.services.redis import start_redis, start_redis_cluster
 
-
-def load_services_script() -> ModuleType:
-    """Import scripts/services.py (not a package) as the module `mpr_services`."""
-    name = "mpr_services"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+T = TypeVar("T")
 
 
 def services_required() -> bool:
@@ -79,21 +66,17 @@ class Mongo:
         return f"mongodb://{self.host}:{self.port}"
 
 
-def start_or_skip(what: str, starter: Callable[[Any], Any]) -> Any:
-    """Run `starter(services_module)`; a failure to install/start fails (CI) or skips."""
+def start_or_skip(what: str, start: Callable[[], T]) -> T:
+    """Run `start()` (a scripts.services starter); a failure to install/start fails (CI) or skips."""
     try:
-        services = load_services_script()
-    except Exception as e:  # a broken script must not look like a missing server
-        pytest.fail(f"cannot load {_SCRIPT}: {e!r}")
-    try:
-        return starter(services)
-    except (services.ServiceError, OSError) as e:
+        return start()
+    except (ServiceError, OSError) as e:
         unavailable(what, e)
 
 
 @pytest.fixture(scope="session")
 def redis_single() -> Iterator[RedisSingle]:
-    server = start_or_skip("redis-server", lambda s: s.start_redis())
+    server = start_or_skip("redis-server", start_redis)
     try:
         yield RedisSingle(server.host, server.port)
     finally:
@@ -102,7 +85,7 @@ def redis_single() -> Iterator[RedisSingle]:
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
-    cluster = start_or_skip("redis cluster", lambda s: s.start_redis_cluster(masters=3, replicas=0))
+    cluster = start_or_skip("redis cluster", lambda: start_redis_cluster(masters=3, replicas=0))
     try:
         yield RedisCluster(tuple((n.host, n.port) for n in cluster.nodes))
     finally:
@@ -111,7 +94,7 @@ def redis_cluster() -> Iterator[RedisCluster]:
 
 @pytest.fixture(scope="session")
 def mongod() -> Iterator[Mongo]:
-    server = start_or_skip("mongod", lambda s: s.start_mongod())
+    server = start_or_skip("mongod", start_mongod)
     try:
         yield Mongo(server.host, server.port)
     finally:

@@ -20,6 +20,7 @@ from mpr_server.redis.cluster import ClusterRedisClient
 from mpr_server.redis.url import Address
 from mpr_server.stores.mongo.cold import ColdStore
 from mpr_server.stores.redis.store import RedisStore
+from scripts.services.redis import start_redis
 from tests.services import Mongo, RedisCluster, RedisSingle, start_or_skip
 from tests.store_contract import LEASE_MS, T0, A, StoreContract, add, add_many, cid, ids, lease
 
@@ -130,7 +131,7 @@ async def test_persister_interrupted_between_mongo_and_redis_duplicates_nothing(
 
 @pytest_twisted.ensureDeferred
 async def test_redis_without_config_command_starts_with_a_warning(reactor: Any, mongod: Mongo) -> None:
-    server = start_or_skip("redis-server", lambda s: s.start_redis(extra_args=("--rename-command", "CONFIG", "")))
+    server = start_or_skip("redis-server", lambda: start_redis(extra_args=("--rename-command", "CONFIG", "")))
     store = make_store(reactor, SingleRedisClient(reactor, f"redis://127.0.0.1:{server.port}/0", timeout=2), mongod)
     try:
         with capturedLogs() as events:
@@ -146,7 +147,7 @@ async def test_redis_without_config_command_starts_with_a_warning(reactor: Any, 
 
 @pytest_twisted.ensureDeferred
 async def test_evicting_redis_is_refused_unless_allowed(reactor: Any, mongod: Mongo) -> None:
-    server = start_or_skip("redis-server", lambda s: s.start_redis(extra_args=("--maxmemory-policy", "allkeys-lru")))
+    server = start_or_skip("redis-server", lambda: start_redis(extra_args=("--maxmemory-policy", "allkeys-lru")))
     url = f"redis://127.0.0.1:{server.port}/0"
     try:
         refused = make_store(reactor, SingleRedisClient(reactor, url, timeout=2), mongod)

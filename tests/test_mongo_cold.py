@@ -1,5 +1,5 @@
 """MONGODB_URI as MongoDB users write it: TLS (verified), authentication and replica sets, against
-real mongod processes started here (tests/services.py, scripts/services.py), plus URI parsing.
+real mongod processes started here (tests/services.py, scripts/services/), plus URI parsing.
 
 The TLS server's certificate names only ``localhost`` (no IP address), so that host name checking is
 seen to work: ``localhost`` URIs verify, ``127.0.0.1`` URIs fail unless ``tlsAllowInvalidHostnames``.
@@ -30,6 +30,8 @@ from txmongo.connection import ConnectionPool
 from mpr_server.errors import StoreUnavailable
 from mpr_server.stores.mongo.cold import ColdMessage, ColdStore
 from mpr_server.stores.mongo.uri import DEFAULT_DB, MongoConfigError, MongoTLS, database_of, parse_mongodb_uri
+from scripts.services.mongo import MongoTLS as MongodTLS
+from scripts.services.mongo import start_mongo_replica_set, start_mongod
 from tests.services import start_or_skip
 
 TIMEOUT_S = 1.5
@@ -131,7 +133,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def tls_mongod(pki: Pki) -> Iterator[Any]:
-    server = start_or_skip("mongod (TLS)", lambda s: s.start_mongod(tls=s.MongoTLS(pki.server, pki.ca, pki.client)))
+    server = start_or_skip("mongod (TLS)", lambda: start_mongod(tls=MongodTLS(pki.server, pki.ca, pki.client)))
     try:
         yield server
     finally:
@@ -140,7 +142,7 @@ def tls_mongod(pki: Pki) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def auth_mongod() -> Iterator[Any]:
-    server = start_or_skip("mongod (auth)", lambda s: s.start_mongod(auth=(USER, PASSWORD)))
+    server = start_or_skip("mongod (auth)", lambda: start_mongod(auth=(USER, PASSWORD)))
     try:
         yield server
     finally:
@@ -149,7 +151,7 @@ def auth_mongod() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def replica_set() -> Iterator[Any]:
-    rs = start_or_skip("mongod replica set", lambda s: s.start_mongo_replica_set("rs0", members=2))
+    rs = start_or_skip("mongod replica set", lambda: start_mongo_replica_set("rs0", members=2))
     try:
         yield rs
     finally:

@@ -24,10 +24,11 @@ import pytest_twisted
 from twisted.internet import task, threads
 from twisted.internet.defer import Deferred, gatherResults
 
+from scripts.services.redis import start_redis
 from tests.e2e.conftest import Connect, ServerFactory
 from tests.e2e.mprprocess import MprProcess
 from tests.e2e.test_server import DID_A, DID_B, add, count, expect_failed_start, jwe, raw_payload_text, take
-from tests.services import Mongo, load_services_script, start_or_skip
+from tests.services import Mongo, start_or_skip
 from tests.wsclient import RpcCallError, RpcClient
 
 T = TypeVar("T")
@@ -110,13 +111,13 @@ class OwnRedis:
     started: list[Any] = field(default_factory=list)
 
     def start(self, **options: Any) -> Any:
-        server = start_or_skip("redis-server", lambda s: s.start_redis(**options))
+        server = start_or_skip("redis-server", lambda: start_redis(**options))
         self.started.append(server)
         return server
 
     def restart(self, port: int, **options: Any) -> Any:
         """Start again on ``port`` (blocking, no pytest skip: run it in a thread)."""
-        server = load_services_script().start_redis(port, **options)
+        server = start_redis(port, **options)
         self.started.append(server)
         return server
 

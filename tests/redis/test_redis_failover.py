@@ -37,6 +37,7 @@ from mpr_server.redis import (
     key_slot,
 )
 from mpr_server.stores.redis.keys import tag as connection_tag
+from scripts.services.redis import start_redis_cluster
 from tests.redis.events import Inbox
 from tests.services import Mongo, start_or_skip
 from tests.store_contract import T0, A, add, cid, ids, lease
@@ -52,10 +53,10 @@ T = TypeVar("T")
 @pytest.fixture(scope="module")
 def failover_cluster() -> Iterator[Any]:
     """A dedicated cluster (the session's cluster has no replicas and must not be killed):
-    the scripts/services.py handle, whose nodes have ports and pids."""
+    the scripts.services.redis handle, whose nodes have ports and pids."""
     cluster = start_or_skip(
         "redis cluster with replicas",
-        lambda s: s.start_redis_cluster(masters=3, replicas=1, node_timeout_ms=NODE_TIMEOUT_MS),
+        lambda: start_redis_cluster(masters=3, replicas=1, node_timeout_ms=NODE_TIMEOUT_MS),
     )
     try:
         yield cluster

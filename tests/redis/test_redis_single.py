@@ -18,8 +18,10 @@ from mpr_server.redis import (
     Script,
     SingleRedisClient,
 )
+from scripts.services.process import free_port
+from scripts.services.redis import start_redis
 from tests.redis.events import WAIT, Event, Inbox
-from tests.services import RedisSingle, load_services_script, start_or_skip
+from tests.services import RedisSingle, start_or_skip
 
 
 def unique(prefix: str) -> str:
@@ -37,7 +39,7 @@ async def client(reactor: Any, redis_single: RedisSingle) -> AsyncIterator[Singl
 @pytest.fixture
 def dedicated_redis() -> Any:
     """A redis-server of its own, for tests that stop it."""
-    server = start_or_skip("redis-server", lambda s: s.start_redis())
+    server = start_or_skip("redis-server", start_redis)
     yield server
     server.stop()
 
@@ -183,8 +185,7 @@ async def test_timeout_when_the_server_does_not_answer(reactor: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_nothing_listening(reactor: Any) -> None:
-    services = load_services_script()
-    c = SingleRedisClient(reactor, f"redis://127.0.0.1:{services.free_port()}", ping_interval=None)
+    c = SingleRedisClient(reactor, f"redis://127.0.0.1:{free_port()}", ping_interval=None)
     try:
         with pytest.raises(RedisUnavailable):
             await c.wait_ready(timeout=0.3)
@@ -198,7 +199,7 @@ async def test_nothing_listening(reactor: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_password(reactor: Any) -> None:
-    server = start_or_skip("redis-server", lambda s: s.start_redis(extra_args=["--requirepass", "s3cret"]))
+    server = start_or_skip("redis-server", lambda: start_redis(extra_args=["--requirepass", "s3cret"]))
     good = SingleRedisClient(reactor, f"redis://:s3cret@127.0.0.1:{server.port}/2", ping_interval=None)
     bad = SingleRedisClient(reactor, f"redis://:wrong@127.0.0.1:{server.port}", ping_interval=None)
     try:
@@ -217,7 +218,6 @@ async def test_password(reactor: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_unavailable_while_stopped_then_recovers(reactor: Any, dedicated_redis: Any) -> None:
-    services = load_services_script()
     port = dedicated_redis.port
     c = SingleRedisClient(reactor, f"redis://127.0.0.1:{port}", timeout=2.0, reconnect_max_delay=0.5, pool_size=1)
     inbox = Inbox(reactor)
@@ -237,7 +237,7 @@ async def test_unavailable_while_stopped_then_recovers(reactor: Any, dedicated_r
         assert reactor.seconds() - started < 1.0
 
         back = reconnected.wait(timeout=10.0)
-        restarted = services.start_redis(port, dir=dedicated_redis.dir)
+        restarted = start_redis(port, dir=dedicated_redis.dir)
         try:
             await c.wait_ready(timeout=10.0)
             assert await c.execute(["GET", "k"]) is None  # no persistence: a fresh server
