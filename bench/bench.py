@@ -1,4 +1,4 @@
-"""Load benchmark for a running mpr-server (design §8 workload).
+"""Load benchmark for a running mpr-server (the workload of README.rst, Performance).
 
     python bench/bench.py --port 3100 [--sockets 32] [--seconds 10] [--payload 1024]
 

@@ -59,7 +59,7 @@ def ids(messages: Any) -> list[str]:
 
 
 class StoreContract:
-    """Behaviour every store must have (design §2–§3)."""
+    """Behaviour every store must have (docs/protocol.rst: message lifecycle, live sessions)."""
 
     @pytest_twisted.ensureDeferred
     async def test_added_message_is_taken_once_with_its_exact_bytes(self, store: MessageStore) -> None:

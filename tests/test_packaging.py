@@ -40,7 +40,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("packaging")
     source = base / "source"
     source.mkdir()
-    for name in ("setup.py", "setup.cfg", "README.rst"):
+    for name in ("pyproject.toml", "setup.py", "setup.cfg", "README.rst"):
         shutil.copy2(ROOT / name, source / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")
     shutil.copytree(ROOT / "mpr_server", source / "mpr_server", ignore=ignore)

@@ -1,4 +1,4 @@
-"""The MPR methods of wire-protocol §3: their params, checked as design §2a says, and the call
+"""The MPR methods of wire-protocol §3: their params, checked as docs/protocol.rst says, and the call
 into the domain. ``MprMethods.table()`` is what the dispatcher serves."""
 
 from __future__ import annotations

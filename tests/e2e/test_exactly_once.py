@@ -1,4 +1,4 @@
-"""A bounded soak of design §8's "zero lost and zero duplicated deliveries with the persister
+"""A bounded soak of the promise "zero lost and zero duplicated deliveries with the persister
 running", driven the way horizontally scaled Credo mediators drive MPR.
 
 Two instances A and B share one Redis and one MongoDB database; the persister moves payloads
@@ -30,7 +30,7 @@ ordered. A message is *acknowledged* when a ``removeMessages`` reply for it (or 
   acknowledged. Delivering again a message that was delivered but not acknowledged is expected.
   The one exception is the old mediator of the handed-over connection: once the wallet moved,
   a notification hint already on its way may still reach it (hints are at most once and carry no
-  promise, design §3); it does not acknowledge those, and none of them may be a message added
+  promise, see docs/protocol.rst); it does not acknowledge those, and none of them may be a message added
   after the handover.
 
 Pacing (the producers' rate, the Pickup wallet's poll period, the MongoDB observer) is workload,
