@@ -6,7 +6,7 @@ import path from 'node:path'
 import readline from 'node:readline'
 import { fileURLToPath } from 'node:url'
 
-import WebSocket from 'ws'
+import WebSocket, { WebSocketServer } from 'ws'
 
 const HERE = path.dirname(fileURLToPath(import.meta.url))
 
@@ -245,4 +245,57 @@ export class LoadBalancer {
     }
     await new Promise((resolve) => this.server.close(resolve))
   }
+}
+
+/**
+ * A WebSocket relay in front of the real MPR that records every frame a client sends (to check
+ * what goes on the wire) and the handshake it made; answers come from MPR unchanged.
+ */
+export class RecordingRelay {
+  constructor(targetUrl) {
+    this.target = new URL(targetUrl)
+    this.sent = []
+    this.handshakes = []
+    this.server = new WebSocketServer({ host: '127.0.0.1', port: 0 })
+    this.server.on('connection', (client, request) => {
+      this.handshakes.push({ url: request.url, authorization: request.headers.authorization })
+      const upstream = new WebSocket(new URL(request.url, this.target))
+      const queue = []
+      upstream.on('open', () => queue.splice(0).forEach((frame) => upstream.send(frame)))
+      client.on('message', (data) => {
+        const text = data.toString()
+        this.sent.push(JSON.parse(text))
+        if (upstream.readyState === WebSocket.OPEN) upstream.send(text)
+        else queue.push(text)
+      })
+      upstream.on('message', (data) => client.send(data.toString()))
+      const end = () => {
+        client.terminate()
+        upstream.terminate()
+      }
+      client.on('close', end).on('error', end)
+      upstream.on('close', end).on('error', end)
+    })
+  }
+
+  async listen() {
+    await new Promise((resolve) => this.server.once('listening', resolve))
+    this.url = `ws://127.0.0.1:${this.server.address().port}`
+    return this
+  }
+
+  calls(method) {
+    return this.sent.filter((frame) => frame.method === method)
+  }
+
+  async close() {
+    for (const client of this.server.clients) client.terminate()
+    await new Promise((resolve) => this.server.close(resolve))
+  }
+}
+
+/** Ask the pytest harness to stop, start or restart the MPR server (same port and data). */
+export async function controlMpr(action) {
+  const response = await withTimeout(fetch(`${env('MPR_CONTROL_URL')}/${action}`, { method: 'POST' }), 30000, `MPR ${action}`)
+  if (!response.ok) throw new Error(`MPR ${action}: HTTP ${response.status} ${await response.text()}`)
 }
