@@ -1,7 +1,8 @@
 """The small asynchronous mechanisms every layer uses, written once.
 
 - :func:`background`: start a coroutine (or Deferred) nobody awaits, logging its failure;
-- :func:`deadline`: await something for at most N seconds, raising an error of the caller's choice;
+- :func:`deadline`: await something for at most N seconds, raising an error of the caller's choice
+  (:class:`Timeouts`: one timer for all the deadlines of one duration);
 - :class:`Waiters`: one-shot waiters for an event (connected, closed, refreshed, ...);
 - :class:`Batcher`: items gathered for a while (one reactor turn by default), then handed over at once;
 - :func:`gather`: await several things started together, keeping each outcome.
@@ -9,10 +10,11 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,6 +44,57 @@ def background(
     return d.addCallbacks(lambda _: None, failed)
 
 
+class Watch:
+    """One Deferred under a deadline; ``expired`` once the deadline cancelled it."""
+
+    __slots__ = ("deferred", "expired", "expires")
+
+    def __init__(self, deferred: Deferred[Any], expires: float) -> None:
+        self.deferred = deferred
+        self.expires = expires
+        self.expired = False
+
+
+class Timeouts:
+    """Deadlines of one duration on one clock, for any number of Deferreds, with one timer: they
+    expire in the order they were set, so a queue and a single pending call suffice (a
+    ``callLater`` per call, as ``Deferred.addTimeout`` does, costs more than the call it guards).
+    An expired Deferred that has not fired yet is cancelled."""
+
+    _shared: ClassVar[dict[tuple[int, float], Timeouts]] = {}
+
+    def __init__(self, clock: IReactorTime, seconds: float) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self._queue: deque[Watch] = deque()
+        self._timer: IDelayedCall | None = None
+
+    @classmethod
+    def of(cls, clock: IReactorTime, seconds: float) -> Timeouts:
+        """The shared instance for this clock and duration."""
+        key = (id(clock), seconds)
+        found = cls._shared.get(key)
+        if found is None or found.clock is not clock:
+            found = cls._shared[key] = cls(clock, seconds)
+        return found
+
+    def watch(self, d: Deferred[Any]) -> Watch:
+        watch = Watch(d, self.clock.seconds() + self.seconds)
+        self._queue.append(watch)
+        if self._timer is None:
+            self._timer = self.clock.callLater(self.seconds, self._expire)
+        return watch
+
+    def _expire(self) -> None:
+        queue, now = self._queue, self.clock.seconds()
+        while queue and (queue[0].deferred.called or queue[0].expires <= now):
+            watch = queue.popleft()
+            if not watch.deferred.called:
+                watch.expired = True
+                watch.deferred.cancel()
+        self._timer = self.clock.callLater(queue[0].expires - now, self._expire) if queue else None
+
+
 async def deadline(
     work: Coroutine[Any, Any, T] | Deferred[T],
     seconds: float,
@@ -50,11 +103,13 @@ async def deadline(
 ) -> T:
     """Await ``work`` for at most ``seconds``; then cancel it and raise ``timed_out()``."""
     d = as_deferred(work)
-    d.addTimeout(seconds, clock)
+    watch = Timeouts.of(clock, seconds).watch(d)
     try:
         return await d
-    except TimeoutError:
-        raise timed_out() from None
+    except CancelledError:
+        if watch.expired:
+            raise timed_out() from None
+        raise
 
 
 class Waiters(Generic[T]):

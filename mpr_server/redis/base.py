@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
-from mpr_server._async import deadline
+from mpr_server._async import Timeouts, deadline
 
 from .connection import Arg, ConnectionSettings, command_name
 from .errors import RedisResponseError, RedisUnavailable
@@ -134,6 +134,9 @@ class ClientBase:
         return sharded
 
     # -- helpers
+
+    def _timeouts(self, timeout: float | None) -> Timeouts:
+        return Timeouts.of(self._reactor, self.timeout if timeout is None else timeout)
 
     async def _timed(self, coro: Coroutine[Any, Any, Any], timeout: float | None, what: str) -> Any:
         seconds = self.timeout if timeout is None else timeout

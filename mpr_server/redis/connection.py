@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import txredisapi
 from twisted.internet.defer import Deferred
@@ -91,6 +91,34 @@ def convert_reply(reply: Any) -> Any:
     if isinstance(reply, txredisapi.ResponseError):
         return RedisResponseError(str(reply))
     return reply
+
+
+def encode_command(args: Sequence[Arg]) -> bytes:
+    """One command in RESP (what txredisapi's ``_build_command`` does, without its layers)."""
+    parts = [b"*%d\r\n" % len(args)]
+    append = parts.append
+    for arg in args:
+        data: bytes
+        kind = type(arg)
+        if kind is bytes:
+            data = cast(bytes, arg)
+        elif kind is str:
+            data = cast(str, arg).encode()
+        elif kind is int:
+            data = b"%d" % cast(int, arg)
+        elif kind is float:
+            data = format(arg, "f").encode()
+        elif isinstance(arg, bytes):
+            data = bytes(arg)
+        elif isinstance(arg, str):
+            data = arg.encode()
+        else:
+            raise ValueError(f"cannot send {kind.__name__} to Redis")
+        append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+ASKING = encode_command(["ASKING"])
 
 
 def command_name(args: Sequence[Arg]) -> str:

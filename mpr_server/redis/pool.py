@@ -7,11 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import txredisapi
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTCP
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .connection import Arg, ConnectionSettings, command_name, convert_reply, make_endpoint
+from mpr_server._async import Timeouts, deadline
+
+from .connection import ASKING, Arg, ConnectionSettings, command_name, convert_reply, encode_command, make_endpoint
 from .errors import RedisNotConnected, RedisResponseError, RedisUnavailable
 from .url import Address
 
@@ -42,6 +45,7 @@ class NodePool:
         self._factory = factory
         self._endpoint = make_endpoint(reactor, address, settings)
         self._started = False
+        self._next = 0
         self._had_connection = False
         self._last_connection: Any = None
         self._closed = False
@@ -72,42 +76,85 @@ class NodePool:
             raise RedisNotConnected(f"Redis {self.address}: {e}") from None
         self._had_connection = True
 
-    async def execute(self, args: Sequence[Arg], *, asking: bool = False) -> Any:
+    async def execute(self, args: Sequence[Arg], *, asking: bool = False, timeouts: Timeouts | None = None) -> Any:
         """Send one command (after ASKING on the same connection if asked to).
 
         Raises RedisNotConnected without sending when a pool that was connected has
         lost every connection (fail fast while the node is down), RedisUnavailable
         when the connection is lost with the command in flight, RedisResponseError
-        for error replies. No timeout here: callers put one on the whole call.
+        for error replies. With ``timeouts``, RedisUnavailable when the reply does not come in
+        time (one shared timer, no Deferred more than the reply's); otherwise callers put a
+        deadline on the whole call.
         """
         if self._closed:
             raise RedisNotConnected(f"Redis client for {self.address} is closed")
         self._start()
-        if self._had_connection and not self.connected:
-            raise RedisNotConnected(f"no connection to Redis at {self.address}")
-        try:
-            conn = await self._factory.getConnection(peek=True)
-        except txredisapi.ConnectionError as e:
-            raise RedisNotConnected(f"Redis {self.address}: {e}") from None
-        self._had_connection = True
+        conn = self._ready_connection()
+        if conn is None:
+            if self._had_connection and not self.connected:
+                raise RedisNotConnected(f"no connection to Redis at {self.address}")
+            try:
+                waiting = self._factory.getConnection(peek=True)
+                if timeouts is None:
+                    conn = await waiting
+                else:
+                    conn = await deadline(waiting, timeouts.seconds, timeouts.clock, lambda: self._late(args, timeouts))
+            except txredisapi.ConnectionError as e:
+                raise RedisNotConnected(f"Redis {self.address}: {e}") from None
+            self._had_connection = True
         self._last_connection = conn
         try:
-            if asking:
-                # written back to back with the command: same connection, in order
-                conn.execute_command("ASKING").addErrback(lambda _: None)
-            reply = conn.execute_command(*args)
-        except txredisapi.ConnectionError as e:
-            raise RedisNotConnected(f"Redis {self.address}: {e}") from None
-        except txredisapi.InvalidData as e:
+            data = encode_command(args)
+        except (ValueError, UnicodeError) as e:
             raise ValueError(f"cannot encode {command_name(args)} arguments: {e}") from None
-        try:
-            return convert_reply(await reply)
-        except txredisapi.ResponseError as e:
-            raise RedisResponseError(str(e)) from None
-        except txredisapi.ConnectionError as e:
-            raise RedisUnavailable(f"Redis {self.address} during {command_name(args)}: {e}") from None
+        # Written at once and read in order on one connection: ASKING (if asked) then the command.
+        conn.transport.write(ASKING + data if asking else data)
+        if asking:
+            conn.replyQueue.get()  # ASKING's own reply
+        pending = _next_reply(conn)
+        if timeouts is None:
+            reply = await pending
+        else:
+            watch = timeouts.watch(pending)
+            try:
+                reply = await pending
+            except CancelledError:
+                if watch.expired:
+                    raise self._late(args, timeouts) from None
+                raise
+        if isinstance(reply, txredisapi.ResponseError):
+            raise RedisResponseError(str(reply))
+        if isinstance(reply, Exception):  # txredisapi's ConnectionError on a lost connection
+            raise RedisUnavailable(f"Redis {self.address} during {command_name(args)}: {reply}")
+        return convert_reply(reply)
+
+    def _late(self, args: Sequence[Arg], timeouts: Timeouts) -> RedisUnavailable:
+        return RedisUnavailable(f"no answer from Redis within {timeouts.seconds:g} s ({command_name(args)})")
+
+    def _ready_connection(self) -> Any:
+        """A connected member of the pool (round robin), or None: no Deferred on the hot path."""
+        pool = self._factory.pool
+        for _ in range(len(pool)):
+            self._next = (self._next + 1) % len(pool)
+            conn = pool[self._next]
+            if conn.connected and not conn.inTransaction and not conn.pipelining:
+                return conn
+        return None
 
     async def close(self) -> None:
         self._closed = True
         if self._started:
             await self._factory.disconnect()
+
+
+def _next_reply(conn: Any) -> Deferred[Any]:
+    """The connection's next reply. Cancelling the result (a caller's deadline) leaves the reply
+    queue in step: the reply, when it comes, is dropped."""
+    result: Deferred[Any] = Deferred()
+
+    def settle(reply: Any) -> None:
+        if not result.called:
+            result.callback(reply)
+
+    conn.replyQueue.get().addCallback(settle)
+    return result

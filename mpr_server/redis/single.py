@@ -7,8 +7,10 @@ from typing import Any
 
 from .base import ClientBase
 from .connection import Arg, ConnectionSettings, TLSOptions
+from .errors import RedisResponseError
 from .pool import NodePool
 from .pubsub import PubSubConnection
+from .script import Script
 from .url import RedisURL, parse_redis_url
 
 
@@ -53,6 +55,31 @@ class SingleRedisClient(ClientBase):
 
     def _wire_sharded(self, sharded: bool) -> bool:
         return False
+
+    # The hot path: one deadline on the reply itself (see NodePool.execute), no layers between.
+
+    async def execute(
+        self, args: Sequence[Arg], *, key: str | bytes | None = None, timeout: float | None = None
+    ) -> Any:
+        return await self._pool.execute(args, timeouts=self._timeouts(timeout))
+
+    async def eval_script(
+        self,
+        script: Script,
+        keys: Sequence[str | bytes],
+        args: Sequence[Arg] = (),
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        timeouts = self._timeouts(timeout)
+        tail: list[Arg] = [len(keys), *keys, *args]
+        try:
+            return await self._pool.execute(["EVALSHA", script.sha1, *tail], timeouts=timeouts)
+        except RedisResponseError as e:
+            if e.code != "NOSCRIPT":
+                raise
+        # EVAL also caches the script for the next EVALSHA
+        return await self._pool.execute(["EVAL", script.source, *tail], timeouts=timeouts)
 
     async def _execute(self, args: Sequence[Arg], key: str | bytes | None) -> Any:
         return await self._pool.execute(args)

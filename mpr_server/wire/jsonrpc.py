@@ -1,7 +1,7 @@
 """The JSON-RPC 2.0 envelope as rpc-websockets 7.11.2 speaks it (wire-protocol §2).
 
-``Dispatcher.handle_frame`` takes one WebSocket frame and returns the reply frame (or None):
-parsing, batches, notifications (falsy ids), ``rpc.on``/``rpc.off``, ``__listMethods``, the call
+``Dispatcher.handle`` takes one WebSocket frame and gives the reply frame (or None): parsing,
+batches, notifications (falsy ids), ``rpc.on``/``rpc.off``, ``__listMethods``, the call
 deadline, and the mapping of every failure to a JSON-RPC error, in one place. The methods
 themselves come as a table (see ``methods.py``).
 """
@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mpr_server._async import deadline
+from mpr_server._async import Timeouts
 from mpr_server.errors import QueueFull, StoreUnavailable
 from mpr_server.metrics import Metrics
 
@@ -45,10 +46,6 @@ class RpcError(Exception):
         if self.data is not None:
             error["data"] = self.data
         return error
-
-
-class CallTimedOut(Exception):
-    """The store did not answer within the call deadline."""
 
 
 def invalid_request(details: str | None = None) -> RpcError:
@@ -90,9 +87,17 @@ class Dispatcher:
         self._metrics = metrics or Metrics()
         self._metrics.describe("mpr_calls_total", "JSON-RPC calls by method and outcome (ok, invalid, error)")
         self._clock = clock
-        self._call_timeout_s = call_timeout_s
+        self._timeouts = Timeouts.of(clock, call_timeout_s)
         self._max_batch = max_batch
         self._methods: dict[str, Handler] = {"__listMethods": self._list_methods, **methods}
+
+    def handle(self, frame: bytes, ctx: CallContext) -> Deferred[bytes | None]:
+        """The reply to a frame. Past the call deadline, the call under way is cancelled and
+        answered with an error (the stores put their own deadline on each round trip, so this
+        is a backstop; one shared timer serves every frame)."""
+        d = Deferred.fromCoroutine(self.handle_frame(frame, ctx))
+        self._timeouts.watch(d)
+        return d
 
     async def handle_frame(self, frame: bytes, ctx: CallContext) -> bytes | None:
         try:
@@ -136,14 +141,14 @@ class Dispatcher:
         if handler is None:
             return self._error(RpcError(-32601, "Method not found"), reply_id)
         try:
-            result = await deadline(handler(params, ctx), self._call_timeout_s, self._clock, CallTimedOut)
+            result = await handler(params, ctx)
         except RpcError as e:
             self._metrics.inc("mpr_calls_total", method=method, outcome="invalid")
             return self._error(e, reply_id) if reply_id is not None else None
         except QueueFull as e:
             self._metrics.inc("mpr_calls_total", method=method, outcome="full")
             return self._error(RpcError(-32001, "Queue full", {"details": str(e)}), reply_id) if reply_id else None
-        except (StoreUnavailable, CallTimedOut) as e:
+        except (StoreUnavailable, CancelledError) as e:
             self._metrics.inc("mpr_calls_total", method=method, outcome="error")
             details = str(e) if isinstance(e, StoreUnavailable) else "the store did not answer in time"
             self._log.warn("{method} failed: {details}", method=method, details=details)

@@ -124,7 +124,7 @@ class MediatorProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         assert self._ctx is not None
-        d = Deferred.fromCoroutine(self.factory.dispatcher.handle_frame(payload, self._ctx))
+        d = self.factory.dispatcher.handle(payload, self._ctx)
         d.addCallbacks(self._reply, self._failed)
 
     def _reply(self, frame: bytes | None) -> None:

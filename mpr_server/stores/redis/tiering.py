@@ -4,8 +4,10 @@ metadata stays in Redis (so queue order, leases and counts never span two system
 
 from __future__ import annotations
 
-from twisted.application.internet import TimerService
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mpr_server.redis import RedisClient
@@ -74,19 +76,33 @@ class Tiering:
         """A seam for fault-injection tests: runs between the MongoDB write and the Redis removal."""
 
 
-class Persister(TimerService):
+class Persister(Service):
     """Runs the move to MongoDB (and the import of an original deployment's documents) every
-    ``interval_s`` in every instance. A failing tick logs; the next one retries."""
+    ``interval_s`` in every instance, the first time one interval after start. A failing tick
+    logs; the next one retries. Stopping waits for the tick under way."""
 
     _log = Logger()
 
     def __init__(self, tiering: Tiering, originals: OriginalImport, clock: IReactorTime, interval_s: float) -> None:
-        super().__init__(interval_s, self._tick)
-        self.clock = clock
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = clock
+        self._interval_s = interval_s
+        self._stopped: Deferred[LoopingCall] | None = None
         self._clock = clock
         self._tiering = tiering
         self._originals = originals
         self._next_import = 0.0
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopped = self._loop.start(self._interval_s, now=False)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        stopped, self._stopped = self._stopped, None
+        return stopped.addCallback(lambda _: None) if stopped is not None else None
 
     async def _tick(self) -> None:
         now = self._clock.seconds()
