@@ -113,7 +113,7 @@ def redis_backend(config: Config, reactor: Any, sockets: LocalSockets) -> Backen
     )
     notifier = RedisNotifier(redis, reactor, config.instance_id, sockets, store.holders, config.message_lease_ms)
     interval = min(max(config.threshold_timestamp / 4000, 0.5), 5.0)
-    persister = Persister(store.tiering, store.originals, reactor, interval)
+    persister = Persister(store.tiering, reactor, interval)
     return Backend(store, notifier, RedisThrottle(redis), persister)
 
 
@@ -163,6 +163,13 @@ class MprService(MultiService):
         self.metrics.gauge("mpr_open_sockets", lambda: len(self.factory.sockets), "open mediator sockets")
         self.metrics.describe("mpr_push_total", "push notifications by provider and outcome")
         self.metrics.source(self._push_counts)
+        if isinstance(self.store, RedisStore):
+            self.metrics.describe(
+                "mpr_original_import_total",
+                "entries an original deployment left, by outcome (found, imported, duplicate, unreadable),"
+                " as counted by the import (of this instance or the one that did it)",
+            )
+            self.metrics.source(self._import_counts)
         self.site: Site = make_site(self.store, reactor, self._info, self.metrics.render)
         self._ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
@@ -182,6 +189,15 @@ class MprService(MultiService):
     def _push_counts(self) -> None:
         for (provider, outcome), count in self.push.counters.items():
             self.metrics.set_counter("mpr_push_total", count, provider=provider, outcome=outcome)
+
+    def _import_counts(self) -> None:
+        assert isinstance(self.store, RedisStore)
+        report = self.store.originals.last_done
+        if report is None:
+            return
+        for outcome, name in (("found", "found"), ("imported", "imported"), ("duplicate", "duplicates")):
+            self.metrics.set_counter("mpr_original_import_total", int(report.get(name, 0)), outcome=outcome)
+        self.metrics.set_counter("mpr_original_import_total", int(report.get("unreadable", 0)), outcome="unreadable")
 
     def _info(self) -> dict[str, Any]:
         return {"version": __version__, "store": self.store.name, "instance": self.config.instance_id}

@@ -17,9 +17,6 @@ from mpr_server.stores.redis.claims import Claims
 from mpr_server.stores.redis.indexes import IndexWriter
 from mpr_server.stores.redis.keys import BUCKETS, old_key, split_entry
 from mpr_server.stores.redis.replies import as_text
-from mpr_server.stores.redis.upgrade import OriginalImport
-
-IMPORT_INTERVAL_S = 600.0  # how often to look for documents of an original deployment
 
 
 class Tiering:
@@ -75,27 +72,21 @@ class Tiering:
 
 
 class Persister(TimerService):
-    """Runs the move to MongoDB (and the import of an original deployment's documents) every
-    ``interval_s`` in every instance. A failing tick logs; the next one retries."""
+    """Runs the move to MongoDB every ``interval_s`` in every instance. A failing tick logs; the
+    next one retries."""
 
     _log = Logger()
 
-    def __init__(self, tiering: Tiering, originals: OriginalImport, clock: IReactorTime, interval_s: float) -> None:
+    def __init__(self, tiering: Tiering, clock: IReactorTime, interval_s: float) -> None:
         super().__init__(interval_s, self._tick)
         self.clock = clock
         self._clock = clock
         self._tiering = tiering
-        self._originals = originals
-        self._next_import = 0.0
 
     async def _tick(self) -> None:
         now = self._clock.seconds()
         try:
             moved = await self._tiering.persist_once(int(now * 1000))
-            if now >= self._next_import:
-                # Documents of an original deployment: all of them at start-up, then new ones.
-                seen = await self._originals.import_once()
-                self._next_import = now if seen else now + IMPORT_INTERVAL_S
         except Exception as e:
             self._log.warn("persister tick failed, the next tick retries: {error}", error=f"{type(e).__name__}: {e}")
             return
