@@ -46,6 +46,12 @@ from mpr_server.wire.websocket import MediatorFactory
 
 SHUTDOWN_CLOSE_S = 3.0
 SHUTDOWN_PUSH_DRAIN_S = 2.0
+IMPORT_OUTCOMES = (
+    ("found", "found"),
+    ("imported", "imported"),
+    ("duplicate", "duplicates"),
+    ("unreadable", "unreadable"),
+)
 
 
 class Stage(Service):
@@ -192,12 +198,10 @@ class MprService(MultiService):
 
     def _import_counts(self) -> None:
         assert isinstance(self.store, RedisStore)
-        report = self.store.originals.last_done
-        if report is None:
-            return
-        for outcome, name in (("found", "found"), ("imported", "imported"), ("duplicate", "duplicates")):
-            self.metrics.set_counter("mpr_original_import_total", int(report.get(name, 0)), outcome=outcome)
-        self.metrics.set_counter("mpr_original_import_total", int(report.get("unreadable", 0)), outcome="unreadable")
+        report = self.store.originals.last_done  # the import's report, whichever instance ran it
+        if report is not None:
+            for outcome, name in IMPORT_OUTCOMES:
+                self.metrics.set_counter("mpr_original_import_total", int(report.get(name, 0)), outcome=outcome)
 
     def _info(self) -> dict[str, Any]:
         return {"version": __version__, "store": self.store.name, "instance": self.config.instance_id}
