@@ -46,6 +46,12 @@ from mpr_server.wire.websocket import MediatorFactory
 
 SHUTDOWN_CLOSE_S = 3.0
 SHUTDOWN_PUSH_DRAIN_S = 2.0
+IMPORT_OUTCOMES = (
+    ("found", "found"),
+    ("imported", "imported"),
+    ("duplicate", "duplicates"),
+    ("unreadable", "unreadable"),
+)
 
 
 class Stage(Service):
@@ -113,7 +119,7 @@ def redis_backend(config: Config, reactor: Any, sockets: LocalSockets) -> Backen
     )
     notifier = RedisNotifier(redis, reactor, config.instance_id, sockets, store.holders, config.message_lease_ms)
     interval = min(max(config.threshold_timestamp / 4000, 0.5), 5.0)
-    persister = Persister(store.tiering, store.originals, reactor, interval)
+    persister = Persister(store.tiering, reactor, interval)
     return Backend(store, notifier, RedisThrottle(redis), persister)
 
 
@@ -163,6 +169,13 @@ class MprService(MultiService):
         self.metrics.gauge("mpr_open_sockets", lambda: len(self.factory.sockets), "open mediator sockets")
         self.metrics.describe("mpr_push_total", "push notifications by provider and outcome")
         self.metrics.source(self._push_counts)
+        if isinstance(self.store, RedisStore):
+            self.metrics.describe(
+                "mpr_original_import_total",
+                "entries an original deployment left, by outcome (found, imported, duplicate, unreadable),"
+                " as counted by the import (of this instance or the one that did it)",
+            )
+            self.metrics.source(self._import_counts)
         self.site: Site = make_site(self.store, reactor, self._info, self.metrics.render)
         self._ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
@@ -182,6 +195,13 @@ class MprService(MultiService):
     def _push_counts(self) -> None:
         for (provider, outcome), count in self.push.counters.items():
             self.metrics.set_counter("mpr_push_total", count, provider=provider, outcome=outcome)
+
+    def _import_counts(self) -> None:
+        assert isinstance(self.store, RedisStore)
+        report = self.store.originals.last_done  # the import's report, whichever instance ran it
+        if report is not None:
+            for outcome, name in IMPORT_OUTCOMES:
+                self.metrics.set_counter("mpr_original_import_total", int(report.get(name, 0)), outcome=outcome)
 
     def _info(self) -> dict[str, Any]:
         return {"version": __version__, "store": self.store.name, "instance": self.config.instance_id}
@@ -253,8 +273,10 @@ class MprService(MultiService):
         await self.factory.close_all(SHUTDOWN_CLOSE_S, self.reactor)
 
     async def _drain(self) -> None:
-        """With every socket closed: end the grace periods (their held pushes are sent) and let
-        the pushes under way finish, before the domain and push service stop."""
+        """With every socket closed: let their releases finish, end the grace periods (their held
+        pushes are sent) and let the pushes under way finish, before the domain and push service
+        stop."""
+        await self.pickup.settle()
         await self.pickup.end_grace_periods()
         await self.push.drain(SHUTDOWN_PUSH_DRAIN_S)
 

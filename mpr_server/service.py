@@ -63,6 +63,7 @@ class PickupService(Service):
         self.sockets = sockets if sockets is not None else LocalSockets()
         self._notifier = notifier if notifier is not None else LocalNotifier(self.sockets)
         self._grace: dict[str, IDelayedCall] = {}
+        self._socket_work: set[Deferred[None]] = set()  # releases and re-attaches under way
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = clock
 
@@ -170,7 +171,15 @@ class PickupService(Service):
         self._for_socket(self._release(socket_id, False), "ending grace of socket {socket_id}", socket_id)
 
     def _for_socket(self, work: Coroutine[Any, Any, None], what: str, socket_id: str) -> None:
-        background(work, self._log, "failed " + what, socket_id=socket_id)
+        d = background(work, self._log, "failed " + what, socket_id=socket_id)
+        if not d.called:
+            self._socket_work.add(d)
+            d.addBoth(lambda _: self._socket_work.discard(d))
+
+    async def settle(self) -> None:
+        """Wait for the releases of closed sockets under way (at shutdown, before the store stops)."""
+        while self._socket_work:
+            await next(iter(self._socket_work))
 
     # -- notifications -------------------------------------------------------------------------------
 

@@ -198,8 +198,8 @@ async def test_messages_left_by_an_original_deployment_are_queued_again(tiered: 
         for n in (2, 1, 3)  # inserted out of time order
     ]
     await tiered.cold._collection.insert_many(originals)
-    assert await tiered.originals.import_once() == 3
-    assert await tiered.originals.import_once() == 0  # resumes after the last one
+    assert (await tiered.originals.run(force=True)).imported == 3
+    assert (await tiered.originals.run(force=True)).found == 0  # marked imported: never again
     assert await tiered.count(c, "did:key:alice", T0) == 4
     taken = await tiered.take(TakeQuery(c, limit=3), A, lease())
     assert [m.payload for m in taken] == [

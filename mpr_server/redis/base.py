@@ -97,6 +97,11 @@ class RedisClient(Protocol):
     async def get_config(self, name: str, *, timeout: float | None = None) -> dict[str, str | None]:
         """CONFIG GET `name` on every master: {node address: value or None}."""
 
+    async def scan(self, match: str, *, count: int = 1000, timeout: float | None = None) -> list[str]:
+        """Every key matching `match` (SCAN to the end on the server, or on every master of a
+        cluster, each call with the timeout). A keyspace scan: only for one-off work such as the
+        import of an original deployment, never on a request's path."""
+
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until Redis is reachable (the cluster map is loaded)."""
 
@@ -122,6 +127,10 @@ class ClientBase:
         raise NotImplementedError
 
     async def _execute_all(self, args: Sequence[Arg]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _node_commands(self) -> list[Callable[[Sequence[Arg]], Coroutine[Any, Any, Any]]]:
+        """One command runner per node holding keys (the server, or each master)."""
         raise NotImplementedError
 
     async def _pubsub_subscribe(self, channel: str, sharded: bool) -> None:
@@ -199,6 +208,18 @@ class ClientBase:
                 value = raw.decode() if isinstance(raw, bytes) else raw
             result[node] = value
         return result
+
+    async def scan(self, match: str, *, count: int = 1000, timeout: float | None = None) -> list[str]:
+        keys: list[str] = []
+        for run in await self._timed(self._node_commands(), timeout, "SCAN"):
+            cursor = "0"
+            while True:
+                reply = await self._timed(run(["SCAN", cursor, "MATCH", match, "COUNT", count]), timeout, "SCAN")
+                cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+                keys.extend(k.decode() if isinstance(k, bytes) else str(k) for k in reply[1])
+                if cursor == "0":
+                    break
+        return list(dict.fromkeys(keys))
 
     async def subscribe(
         self,

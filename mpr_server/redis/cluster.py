@@ -13,7 +13,7 @@ moved when the slot moves or the node goes away.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -256,6 +256,11 @@ class ClusterRedisClient(ClientBase):
         for address in self.masters:
             results[str(address)] = await self._pool(address).execute(args)
         return results
+
+    async def _node_commands(self) -> list[Callable[[Sequence[Arg]], Coroutine[Any, Any, Any]]]:
+        if not self._masters:
+            await self.refresh_slots()
+        return [self._pool(address).execute for address in self.masters]
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         await self._timed(self._load_and_ping(), timeout, "connect")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from .base import ClientBase
@@ -86,6 +86,9 @@ class SingleRedisClient(ClientBase):
 
     async def _execute_all(self, args: Sequence[Arg]) -> dict[str, Any]:
         return {str(self.url.address): await self._pool.execute(args)}
+
+    async def _node_commands(self) -> list[Callable[[Sequence[Arg]], Coroutine[Any, Any, Any]]]:
+        return [self._pool.execute]
 
     async def _pubsub_subscribe(self, channel: str, sharded: bool) -> None:
         if self._pubsub is None:

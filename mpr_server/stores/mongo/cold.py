@@ -26,7 +26,10 @@ from mpr_server.stores.mongo.tls import MongoTLSConnector
 from mpr_server.stores.mongo.uri import parse_mongodb_uri
 
 COLLECTION = "storequeuedmessages"
-MARK = "mpr"  # set on the documents we write, so that documents of the original server stand out
+ASIDE = "storequeuedmessages_aside"  # original documents we could not use, kept (see set_aside)
+MARK = "mpr"  # set on the documents we write or imported, so that the original's others stand out
+MESSAGE_ID_INDEX = "messageId_1"
+_INDEX_RACES = ("E11000", "IndexBuildAborted", "IndexNotFound", "index not found", "IndexKeySpecsConflict")
 
 _log = Logger()
 
@@ -49,6 +52,9 @@ class ColdStore:
         self._pool: Any = None
         self._collection: Any = None
         self._tls: MongoTLSConnector | None = None
+        # documents of an original deployment set aside by start(), for the import's report
+        self.set_aside_at_start_duplicates = 0
+        self.set_aside_at_start_unreadable = 0
         tls = self._settings.tls
         if tls is not None:
             self._tls = MongoTLSConnector(tls)
@@ -90,10 +96,108 @@ class ColdStore:
         db = self._pool[self._db_name]
         self._collection = db[COLLECTION]
         await self._check_connection(db)
-        await self._timed(self._collection.create_index(sort(ASCENDING("messageId")), unique=True), "index")
+        await self._adopt_message_id_index(db)
         await self._timed(
             self._collection.create_index(sort(ASCENDING("connectionId") + ASCENDING("createdAt"))), "index"
         )
+
+    async def _adopt_message_id_index(self, db: Any) -> None:
+        """Make ``messageId_1`` unique. An original deployment left it non-unique, and its
+        persister race can leave the same messageId in two documents: those are de-duplicated
+        first (one kept, the others set aside in ``storequeuedmessages_aside``), then its index is
+        replaced by ours. Safe to run by several instances at once."""
+        last = ""
+        for _attempt in range(5):
+            try:
+                indexes = await self._timed(self._collection.index_information(), "index")
+            except StoreUnavailable as e:
+                if "NamespaceNotFound" not in str(e) and "ns does not exist" not in str(e):
+                    raise
+                indexes = {}  # a new database
+            current = indexes.get(MESSAGE_ID_INDEX)
+            if current is not None and current.get("unique"):
+                return
+            try:
+                await self._set_aside_duplicates(db)
+                if current is not None:
+                    _log.info(
+                        "replacing the non-unique MongoDB index {name} of an original deployment by a unique one",
+                        name=MESSAGE_ID_INDEX,
+                    )
+                    await self._timed(self._collection.drop_index(MESSAGE_ID_INDEX), "index")
+                await self._timed(
+                    self._collection.create_index(sort(ASCENDING("messageId")), unique=True, name=MESSAGE_ID_INDEX),
+                    "index",
+                )
+                return
+            except StoreUnavailable as e:
+                # Another instance replacing it at the same time (its build aborted by our drop,
+                # or dropped already), or a duplicate written meanwhile: look again.
+                last = str(e)
+                if not any(code in last for code in _INDEX_RACES):
+                    raise
+        raise StoreUnavailable(
+            f"MongoDB index failed: could not make {MESSAGE_ID_INDEX} unique in {COLLECTION} ({last});"
+            " is the original server still writing? Stop it before starting mpr-server"
+        )
+
+    async def _set_aside_duplicates(self, db: Any) -> None:
+        """Keep one document per messageId (the first with a payload, oldest createdAt, lowest
+        _id); copy the others to the aside collection, then delete them."""
+        reply = await self._timed(
+            db.command(
+                "aggregate",
+                COLLECTION,
+                pipeline=[
+                    {"$group": {"_id": "$messageId", "n": {"$sum": 1}}},
+                    {"$match": {"n": {"$gt": 1}}},
+                ],
+                cursor={"batchSize": 100_000},
+                allowDiskUse=True,
+            ),
+            "de-duplication",
+        )
+        duplicated = [group["_id"] for group in reply["cursor"]["firstBatch"]]
+        cursor_id = reply["cursor"]["id"]
+        while cursor_id:
+            more = await self._timed(db.command("getMore", cursor_id, collection=COLLECTION), "de-duplication")
+            duplicated.extend(group["_id"] for group in more["cursor"]["nextBatch"])
+            cursor_id = more["cursor"]["id"]
+        for message_id in duplicated:
+            docs = await self._timed(self._collection.find({"messageId": message_id}), "de-duplication")
+            docs.sort(key=_keep_first)
+            if isinstance(message_id, str) and message_id:
+                extra = docs[1:]
+                await self.set_aside(extra, "duplicate")
+                self.set_aside_at_start_duplicates += len(extra)
+            else:  # no usable id: none of them can be served
+                extra = docs
+                await self.set_aside(extra, "unreadable")
+                self.set_aside_at_start_unreadable += len(extra)
+            if extra:
+                _log.warn(
+                    "set aside {n} duplicate documents of messageId {id} left by an original deployment in {c}",
+                    n=len(extra),
+                    id=message_id,
+                    c=ASIDE,
+                )
+
+    async def set_aside(self, docs: Sequence[dict[str, Any]], reason: str) -> None:
+        """Move documents of an original deployment to the aside collection (copy, then delete):
+        kept for an operator to look at, never served."""
+        from pymongo import ReplaceOne
+
+        if not docs:
+            return
+        aside = self._collection.database[ASIDE]
+        await self._timed(
+            aside.bulk_write(
+                [ReplaceOne({"_id": d["_id"]}, {**d, "mprAsideReason": reason}, upsert=True) for d in docs],
+                ordered=False,
+            ),
+            "write",
+        )
+        await self._timed(self._collection.delete_many({"_id": {"$in": [d["_id"] for d in docs]}}), "delete")
 
     async def _check_connection(self, db: Any) -> None:
         """Connect; txmongo logs and swallows authentication failures: ask the server who we are."""
@@ -152,36 +256,55 @@ class ColdStore:
         )
         return {doc["messageId"]: orjson.dumps(doc["encryptedMessage"]) for doc in docs}
 
-    async def originals(self, after: str | None, limit: int) -> list[tuple[str, ColdMessage | None]]:
-        """Documents written by the original server (not by us), in insertion order after the
-        ObjectId ``after``: what an upgraded deployment must put back in the queue. An unreadable
-        document comes as None (logged), so that the caller moves past it."""
-        from bson import ObjectId
+    async def original_connections(self) -> list[str]:
+        """The connections with documents an original deployment left (not marked by us)."""
+        values = await self._timed(self._collection.distinct("connectionId", {MARK: {"$exists": False}}), "read")
+        return sorted(v for v in values if isinstance(v, str))
 
+    async def original_documents(self, connection_id: str | None = None) -> list[dict[str, Any]]:
+        """The documents of an original deployment (of one connection, or all of them), oldest
+        createdAt first (then insertion order): the order the original served them in."""
         query: dict[str, Any] = {MARK: {"$exists": False}}
-        if after:
-            query["_id"] = {"$gt": ObjectId(after)}
-        docs = await self._timed(self._collection.find(query, sort=sort(ASCENDING("_id")), limit=limit), "read")
-        found: list[tuple[str, ColdMessage | None]] = []
-        for doc in docs:
-            try:
-                created = doc["createdAt"]
-                message = ColdMessage(
-                    message_id=str(doc["messageId"]),
-                    connection_id=str(doc["connectionId"]),
-                    recipient_dids=[str(k) for k in doc.get("recipientKeys") or []],
-                    payload=orjson.dumps(doc["encryptedMessage"]),
-                    received_at_ms=int(created.timestamp() * 1000)
-                    if isinstance(created, datetime.datetime)
-                    else int(created),
-                )
-            except (KeyError, TypeError, ValueError, orjson.JSONEncodeError) as e:
-                _log.warn("skipping unreadable document {id} in {c}: {e}", id=str(doc.get("_id")), c=COLLECTION, e=e)
-                found.append((str(doc["_id"]), None))
-                continue
-            found.append((str(doc["_id"]), message))
-        return found
+        if connection_id is not None:
+            query["connectionId"] = connection_id
+        docs: list[dict[str, Any]] = await self._timed(
+            self._collection.find(query, sort=sort(ASCENDING("createdAt") + ASCENDING("_id"))), "read"
+        )
+        return docs
+
+    async def mark_imported(self, object_ids: Sequence[Any]) -> None:
+        """Mark documents of an original deployment as imported (their messages are queued)."""
+        if object_ids:
+            await self._timed(
+                self._collection.update_many({"_id": {"$in": list(object_ids)}}, {"$set": {MARK: 1}}), "write"
+            )
 
     async def delete(self, message_ids: Sequence[str]) -> None:
         if message_ids:
             await self._timed(self._collection.delete_many({"messageId": {"$in": list(message_ids)}}), "delete")
+
+
+def _keep_first(doc: dict[str, Any]) -> tuple[int, Any, str]:
+    created = doc.get("createdAt")
+    when = created if isinstance(created, datetime.datetime) else datetime.datetime.max
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return (0 if isinstance(doc.get("encryptedMessage"), dict) else 1, when, str(doc.get("_id")))
+
+
+def original_message(doc: dict[str, Any]) -> ColdMessage | None:
+    """An original deployment's document as a message, None if unusable. ``createdAt`` is the
+    receivedAt the original served it with."""
+    message_id, connection_id, payload = doc.get("messageId"), doc.get("connectionId"), doc.get("encryptedMessage")
+    created, keys = doc.get("createdAt"), doc.get("recipientKeys") or []
+    if not isinstance(message_id, str) or not message_id or not isinstance(connection_id, str):
+        return None
+    if not isinstance(payload, dict) or not isinstance(created, datetime.datetime) or not isinstance(keys, list):
+        return None
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=datetime.UTC)
+    try:
+        body = orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        return None
+    return ColdMessage(message_id, connection_id, [str(k) for k in keys], body, int(created.timestamp() * 1000))

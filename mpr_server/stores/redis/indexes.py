@@ -62,6 +62,16 @@ class IndexWriter:
         if self._message_ttl:
             self._batch.add(_Aged(age_key(n), message.received_at_ms, entry))
 
+    def message_imported(self, connection_id: str, message_id: str, received_at_ms: int, body_here: bool) -> None:
+        """Record a message imported from an original deployment: for the persister if its body
+        is in Redis, and for the TTL."""
+        entry = index_entry(connection_id, message_id)
+        n = bucket(connection_id)
+        if body_here:
+            self._batch.add(_Aged(old_key(n), received_at_ms, entry))
+        if self._message_ttl:
+            self._batch.add(_Aged(age_key(n), received_at_ms, entry))
+
     def _write_later(self, entries: list[_Entry]) -> Deferred[None]:
         return background(self._write_or_retry(entries), self._log, "index write failed")
 

@@ -396,15 +396,30 @@ redis.call('HDEL', KB, ARGV[1], ARGV[1] .. '#')
 return 1
 """)
 
-# A message the original server persisted to MongoDB, put back in the queue (its payload stays
-# in MongoDB). Its sequence number is derived from its time and is negative, so it sorts before
-# everything queued since the upgrade. ARGV: id, receivedAt, size, dids_json -> 1 | 0 known
+# Messages of an original deployment (upgrade.py), put back in the queue in the order given,
+# after those imported before and ahead of everything queued since the upgrade: their sequence
+# numbers are negative, counting up from -1e12. ARGV: groups of (id, receivedAt, size, dids_json,
+# body or '' when the payload stays in MongoDB, '1' when MongoDB also holds a copy else '')
+# -> how many were queued (an id already known is skipped)
 IMPORT = _script(r"""
-if redis.call('HEXISTS', KM, ARGV[1]) == 1 then return 0 end
-local seq = tonumber(ARGV[2]) - 10000000000000
-redis.call('HSET', KM, ARGV[1], '[' .. seq .. ',' .. ARGV[2] .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ']')
-redis.call('ZADD', KP, seq, ARGV[1])
-return 1
+local top = redis.call('ZREVRANGEBYSCORE', KP, '(0', '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+local seq = -1000000000000
+if #top > 0 then seq = tonumber(top[2]) end
+local n = 0
+for i = 1, #ARGV, 6 do
+  local id = ARGV[i]
+  if redis.call('HEXISTS', KM, id) == 0 then
+    seq = seq + 1
+    redis.call('HSET', KM, id, '[' .. seq .. ',' .. ARGV[i + 1] .. ',' .. ARGV[i + 2] .. ',' .. ARGV[i + 3] .. ']')
+    if ARGV[i + 4] ~= '' then
+      redis.call('HSET', KB, id, ARGV[i + 4])
+      if ARGV[i + 5] == '1' then redis.call('HSET', KB, id .. '#', '1') end
+    end
+    redis.call('ZADD', KP, seq, id)
+    n = n + 1
+  end
+end
+return n
 """)
 
 # Scripts on one key (KEYS[1]), outside any connection.
@@ -412,6 +427,20 @@ return 1
 UNLOCK = Script(r"""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+""")
+
+# Extend a claim (lock) only if it is still ours. ARGV: our token, ttl ms -> 1 | 0 lost
+RENEW = Script(r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+""")
+
+# An original deployment's list (upgrade.py): remove the entries given, each once, from the head
+# on (where they are). ARGV: the entries -> how many were removed
+LIST_REMOVE = Script(r"""
+local n = 0
+for _, entry in ipairs(ARGV) do n = n + redis.call('LREM', KEYS[1], 1, entry) end
+return n
 """)
 
 # Lease-due index: ARGV now, then (connection, lease end) pairs. Keep the earliest end, but

@@ -89,7 +89,8 @@ class RedisStore:
         self.indexes = IndexWriter(redis, reactor, message_ttl)
         self.claims = Claims(redis, instance_id)
         self.tiering = Tiering(redis, cold, self.indexes, self.claims, threshold_ms)
-        self.originals = OriginalImport(redis, cold, self.claims)
+        self.originals = OriginalImport(redis, cold, self.indexes, reactor, instance_id, instance_ttl_ms)
+        self.import_original = True  # at start, before serving (see upgrade.py)
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -148,6 +149,8 @@ class RedisStore:
             )
         await self.cold.start()
         await self.liveness.start()
+        if self.import_original:
+            await self.originals.run()
 
     async def stop(self) -> None:
         try:

@@ -19,9 +19,6 @@ from mpr_server.stores.redis.claims import Claims
 from mpr_server.stores.redis.indexes import IndexWriter
 from mpr_server.stores.redis.keys import BUCKETS, old_key, split_entry
 from mpr_server.stores.redis.replies import as_text
-from mpr_server.stores.redis.upgrade import OriginalImport
-
-IMPORT_INTERVAL_S = 600.0  # how often to look for documents of an original deployment
 
 
 class Tiering:
@@ -77,21 +74,19 @@ class Tiering:
 
 
 class Persister(Service):
-    """Runs the move to MongoDB (and the import of an original deployment's documents) every
-    ``interval_s`` in every instance, the first time one interval after start. A failing tick
-    logs; the next one retries. Stopping waits for the tick under way."""
+    """Runs the move to MongoDB every ``interval_s`` in every instance, the first time one
+    interval after start. A failing tick logs; the next one retries. Stopping waits for the
+    tick under way."""
 
     _log = Logger()
 
-    def __init__(self, tiering: Tiering, originals: OriginalImport, clock: IReactorTime, interval_s: float) -> None:
+    def __init__(self, tiering: Tiering, clock: IReactorTime, interval_s: float) -> None:
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
         self._interval_s = interval_s
         self._stopped: Deferred[LoopingCall] | None = None
         self._clock = clock
         self._tiering = tiering
-        self._originals = originals
-        self._next_import = 0.0
 
     def startService(self) -> None:
         super().startService()
@@ -108,10 +103,6 @@ class Persister(Service):
         now = self._clock.seconds()
         try:
             moved = await self._tiering.persist_once(int(now * 1000))
-            if now >= self._next_import:
-                # Documents of an original deployment: all of them at start-up, then new ones.
-                seen = await self._originals.import_once()
-                self._next_import = now if seen else now + IMPORT_INTERVAL_S
         except Exception as e:
             self._log.warn("persister tick failed, the next tick retries: {error}", error=f"{type(e).__name__}: {e}")
             return
