@@ -31,6 +31,7 @@ from mpr_server.http import make_site
 from mpr_server.metrics import Metrics
 from mpr_server.notify import LocalNotifier, LocalSockets, Notifier
 from mpr_server.push import MemoryThrottle, PushService, Throttle, build_push_service
+from mpr_server.push.service import OUTCOMES
 from mpr_server.redis import ClusterRedisClient, RedisClient, SingleRedisClient, parse_natmap, parse_nodes
 from mpr_server.service import DomainSettings, PickupService
 from mpr_server.stores.base import MessageStore
@@ -40,6 +41,7 @@ from mpr_server.stores.redis.fanout import RedisNotifier
 from mpr_server.stores.redis.store import RedisStore
 from mpr_server.stores.redis.throttle import RedisThrottle
 from mpr_server.stores.redis.tiering import Persister
+from mpr_server.stores.timed import TimedStore
 from mpr_server.wire.jsonrpc import Dispatcher
 from mpr_server.wire.methods import MprMethods, ParamLimits
 from mpr_server.wire.websocket import MediatorFactory
@@ -98,7 +100,7 @@ def redis_client(config: Config, reactor: Any) -> RedisClient:
     return SingleRedisClient(reactor, config.redis_url, timeout=timeout)
 
 
-def redis_backend(config: Config, reactor: Any, sockets: LocalSockets) -> Backend:
+def redis_backend(config: Config, reactor: Any, sockets: LocalSockets, metrics: Metrics) -> Backend:
     redis = redis_client(config, reactor)
     store = RedisStore(
         redis,
@@ -113,12 +115,19 @@ def redis_backend(config: Config, reactor: Any, sockets: LocalSockets) -> Backen
     )
     notifier = RedisNotifier(redis, reactor, config.instance_id, sockets, store.holders, config.message_lease_ms)
     interval = min(max(config.threshold_timestamp / 4000, 0.5), 5.0)
-    persister = Persister(store.tiering, store.originals, reactor, interval)
+    persister = Persister(store.tiering, store.originals, reactor, interval, metrics)
     return Backend(store, notifier, RedisThrottle(redis), persister)
 
 
-def embedded_backend(config: Config, reactor: Any, sockets: LocalSockets) -> Backend:
+def embedded_backend(config: Config, reactor: Any, sockets: LocalSockets, metrics: Metrics) -> Backend:
     store = EmbeddedStore(config.data_dir, reactor, config.sqlite_synchronous)
+    oldest = store.oldest_received_ms
+
+    def oldest_age_s() -> float:
+        received = oldest()
+        return 0.0 if received is None else max(0.0, reactor.seconds() - received / 1000)
+
+    metrics.oldest_message_age.set_function(oldest_age_s)
     return Backend(store, LocalNotifier(sockets), MemoryThrottle(reactor))
 
 
@@ -131,11 +140,12 @@ class MprService(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.metrics = Metrics()
+        self.metrics = sockets.metrics
         self.store = backend.store
+        timed = TimedStore(self.store, self.metrics)
         self.push: PushService = build_push_service(config.push, reactor, backend.throttle)
         self.pickup = PickupService(
-            self.store,
+            timed,
             reactor,
             DomainSettings(
                 instance_id=config.instance_id,
@@ -147,6 +157,7 @@ class MprService(MultiService):
             pusher=self.push,
             sockets=sockets,
             notifier=backend.notifier,
+            metrics=self.metrics,
         )
         methods = MprMethods(self.pickup, ParamLimits(max_message_bytes=config.max_message_bytes))
         self.dispatcher = Dispatcher(
@@ -160,10 +171,9 @@ class MprService(MultiService):
             slow_reader_timeout_s=config.slow_reader_timeout_ms / 1000,
             authenticator=Authenticator(config.auth),
         )
-        self.metrics.gauge("mpr_open_sockets", lambda: len(self.factory.sockets), "open mediator sockets")
-        self.metrics.describe("mpr_push_total", "push notifications by provider and outcome")
-        self.metrics.source(self._push_counts)
-        self.site: Site = make_site(self.store, reactor, self._info, self.metrics.render)
+        self.metrics.open_sockets.set_function(lambda: len(self.factory.sockets))
+        self.metrics.count_pushes(lambda: self.push.counters, (*OUTCOMES, "retry"))
+        self.site: Site = make_site(timed, reactor, self._info, self.metrics)
         self._ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
 
@@ -178,10 +188,6 @@ class MprService(MultiService):
             backend.persister.setName("persister")
             backend.persister.setServiceParent(self)
         Stage("listeners", self._listen, self._close_listeners).setServiceParent(self)
-
-    def _push_counts(self) -> None:
-        for (provider, outcome), count in self.push.counters.items():
-            self.metrics.set_counter("mpr_push_total", count, provider=provider, outcome=outcome)
 
     def _info(self) -> dict[str, Any]:
         return {"version": __version__, "store": self.store.name, "instance": self.config.instance_id}
@@ -261,11 +267,12 @@ class MprService(MultiService):
 
 def build(config: Config, reactor: Any) -> MprService:
     """The server for ``config``, not started."""
-    sockets = LocalSockets()
+    metrics = Metrics(config.store)
+    sockets = LocalSockets(metrics)
     backend = (
-        redis_backend(config, reactor, sockets)
+        redis_backend(config, reactor, sockets, metrics)
         if config.store == "redis"
-        else embedded_backend(config, reactor, sockets)
+        else embedded_backend(config, reactor, sockets, metrics)
     )
     return MprService(config, reactor, backend, sockets)
 
