@@ -9,6 +9,7 @@ I/O before ``startService``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Coroutine
@@ -234,6 +235,15 @@ class MprService(MultiService):
         # With WS_REUSE_PORT, several processes share the WebSocket port; each needs its own APP_PORT.
         http = await endpoints.serverFromString(self.reactor, self.config.app_endpoint).listen(self.site)
         self._ports.append(http)
+        # Before the "serving:" line, so that whoever waits for that line has seen this one.
+        exposed = _exposed(ws)
+        if exposed and not self.config.auth.enabled:
+            self._log.warn(
+                "the WebSocket listener is on {address}, reachable from other hosts, and authentication is off:"
+                " anyone who reaches it can read and delete every queued message. Set MPR_AUTH_TOKENS or"
+                " MPR_AUTH_JWT_KEY, or listen on loopback only (WS_ENDPOINT=tcp:3100:interface=127.0.0.1).",
+                address=exposed,
+            )
         self._log.info(
             "mpr-server {version} serving: store={store} websocket={ws} http={http} instance={instance}"
             " auth={auth} (autobahn {autobahn} nvx={nvx})",
@@ -291,6 +301,18 @@ def listen_reuse_port(reactor: Any, port: int, factory: Any) -> IListeningPort:
         return listening
     finally:
         sock.close()  # the reactor holds its own duplicate
+
+
+def _exposed(port: IListeningPort) -> str | None:
+    """The listener's address if it is not a loopback address (None for loopback and UNIX sockets)."""
+    host = getattr(port.getHost(), "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return None if loopback else _address(port)
 
 
 def _address(port: IListeningPort) -> str:
