@@ -157,3 +157,20 @@ def test_metrics_page_serves_the_registry(h: Harness) -> None:
     body = resource.render(request)
     assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"application/openmetrics-text")
     assert body.rstrip().endswith(b"# EOF")
+
+
+def test_sample_dashboard_and_alerts_use_families_the_server_exports(h: Harness) -> None:
+    import json
+    import re
+
+    import yaml
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    _, samples = scrape(h)
+    exported = {name for name, _ in samples}
+    rules = yaml.safe_load((docs / "prometheus-alerts.yml").read_text())["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} >= {"MprStoreDown", "MprPersisterLag", "MprPushFailures", "MprQueueAge"}
+    dashboard = json.loads((docs / "grafana-dashboard.json").read_text())
+    exprs = [r["expr"] for r in rules] + [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\b((?:mpr|process)_[a-z_]+)\b", expr)}
+    assert used and used <= exported, used - exported
