@@ -9,9 +9,10 @@ I/O before ``startService``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from mpr_server.http import make_site
 from mpr_server.metrics import Metrics
 from mpr_server.notify import LocalNotifier, LocalSockets, Notifier
 from mpr_server.push import MemoryThrottle, PushService, Throttle, build_push_service
+from mpr_server.push.service import OUTCOMES
 from mpr_server.redis import ClusterRedisClient, RedisClient, SingleRedisClient, parse_natmap, parse_nodes
 from mpr_server.service import DomainSettings, PickupService
 from mpr_server.stores.base import MessageStore
@@ -40,18 +42,13 @@ from mpr_server.stores.redis.fanout import RedisNotifier
 from mpr_server.stores.redis.store import RedisStore
 from mpr_server.stores.redis.throttle import RedisThrottle
 from mpr_server.stores.redis.tiering import Persister
+from mpr_server.stores.timed import TimedStore
 from mpr_server.wire.jsonrpc import Dispatcher
 from mpr_server.wire.methods import MprMethods, ParamLimits
 from mpr_server.wire.websocket import MediatorFactory
 
 SHUTDOWN_CLOSE_S = 3.0
 SHUTDOWN_PUSH_DRAIN_S = 2.0
-IMPORT_OUTCOMES = (
-    ("found", "found"),
-    ("imported", "imported"),
-    ("duplicate", "duplicates"),
-    ("unreadable", "unreadable"),
-)
 
 
 class Stage(Service):
@@ -93,6 +90,7 @@ class Backend:
     notifier: Notifier
     throttle: Throttle
     persister: IService | None = None
+    import_report: Callable[[], Mapping[str, object] | None] = lambda: None  # of an original deployment's data
 
 
 def redis_client(config: Config, reactor: Any) -> RedisClient:
@@ -104,7 +102,7 @@ def redis_client(config: Config, reactor: Any) -> RedisClient:
     return SingleRedisClient(reactor, config.redis_url, timeout=timeout)
 
 
-def redis_backend(config: Config, reactor: Any, sockets: LocalSockets) -> Backend:
+def redis_backend(config: Config, reactor: Any, sockets: LocalSockets, metrics: Metrics) -> Backend:
     redis = redis_client(config, reactor)
     store = RedisStore(
         redis,
@@ -119,12 +117,19 @@ def redis_backend(config: Config, reactor: Any, sockets: LocalSockets) -> Backen
     )
     notifier = RedisNotifier(redis, reactor, config.instance_id, sockets, store.holders, config.message_lease_ms)
     interval = min(max(config.threshold_timestamp / 4000, 0.5), 5.0)
-    persister = Persister(store.tiering, reactor, interval)
-    return Backend(store, notifier, RedisThrottle(redis), persister)
+    persister = Persister(store.tiering, reactor, interval, metrics)
+    return Backend(store, notifier, RedisThrottle(redis), persister, lambda: store.originals.last_done)
 
 
-def embedded_backend(config: Config, reactor: Any, sockets: LocalSockets) -> Backend:
+def embedded_backend(config: Config, reactor: Any, sockets: LocalSockets, metrics: Metrics) -> Backend:
     store = EmbeddedStore(config.data_dir, reactor, config.sqlite_synchronous)
+    oldest = store.oldest_received_ms
+
+    def oldest_age_s() -> float:
+        received = oldest()
+        return 0.0 if received is None else max(0.0, reactor.seconds() - received / 1000)
+
+    metrics.oldest_message_age.set_function(oldest_age_s)
     return Backend(store, LocalNotifier(sockets), MemoryThrottle(reactor))
 
 
@@ -137,11 +142,12 @@ class MprService(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.metrics = Metrics()
+        self.metrics = sockets.metrics
         self.store = backend.store
+        timed = TimedStore(self.store, self.metrics)
         self.push: PushService = build_push_service(config.push, reactor, backend.throttle)
         self.pickup = PickupService(
-            self.store,
+            timed,
             reactor,
             DomainSettings(
                 instance_id=config.instance_id,
@@ -153,6 +159,7 @@ class MprService(MultiService):
             pusher=self.push,
             sockets=sockets,
             notifier=backend.notifier,
+            metrics=self.metrics,
         )
         methods = MprMethods(self.pickup, ParamLimits(max_message_bytes=config.max_message_bytes))
         self.dispatcher = Dispatcher(
@@ -166,17 +173,10 @@ class MprService(MultiService):
             slow_reader_timeout_s=config.slow_reader_timeout_ms / 1000,
             authenticator=Authenticator(config.auth),
         )
-        self.metrics.gauge("mpr_open_sockets", lambda: len(self.factory.sockets), "open mediator sockets")
-        self.metrics.describe("mpr_push_total", "push notifications by provider and outcome")
-        self.metrics.source(self._push_counts)
-        if isinstance(self.store, RedisStore):
-            self.metrics.describe(
-                "mpr_original_import_total",
-                "entries an original deployment left, by outcome (found, imported, duplicate, unreadable),"
-                " as counted by the import (of this instance or the one that did it)",
-            )
-            self.metrics.source(self._import_counts)
-        self.site: Site = make_site(self.store, reactor, self._info, self.metrics.render)
+        self.metrics.open_sockets.set_function(lambda: len(self.factory.sockets))
+        self.metrics.count_pushes(lambda: self.push.counters, (*OUTCOMES, "retry"))
+        self.metrics.count_import(backend.import_report)
+        self.site: Site = make_site(timed, reactor, self._info, self.metrics)
         self._ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
 
@@ -191,17 +191,6 @@ class MprService(MultiService):
             backend.persister.setName("persister")
             backend.persister.setServiceParent(self)
         Stage("listeners", self._listen, self._close_listeners).setServiceParent(self)
-
-    def _push_counts(self) -> None:
-        for (provider, outcome), count in self.push.counters.items():
-            self.metrics.set_counter("mpr_push_total", count, provider=provider, outcome=outcome)
-
-    def _import_counts(self) -> None:
-        assert isinstance(self.store, RedisStore)
-        report = self.store.originals.last_done  # the import's report, whichever instance ran it
-        if report is not None:
-            for outcome, name in IMPORT_OUTCOMES:
-                self.metrics.set_counter("mpr_original_import_total", int(report.get(name, 0)), outcome=outcome)
 
     def _info(self) -> dict[str, Any]:
         return {"version": __version__, "store": self.store.name, "instance": self.config.instance_id}
@@ -248,6 +237,15 @@ class MprService(MultiService):
         # With WS_REUSE_PORT, several processes share the WebSocket port; each needs its own APP_PORT.
         http = await endpoints.serverFromString(self.reactor, self.config.app_endpoint).listen(self.site)
         self._ports.append(http)
+        # Before the "serving:" line, so that whoever waits for that line has seen this one.
+        exposed = _exposed(ws)
+        if exposed and not self.config.auth.enabled:
+            self._log.warn(
+                "the WebSocket listener is on {address}, reachable from other hosts, and authentication is off:"
+                " anyone who reaches it can read and delete every queued message. Set MPR_AUTH_TOKENS or"
+                " MPR_AUTH_JWT_KEY, or listen on loopback only (WS_ENDPOINT=tcp:3100:interface=127.0.0.1).",
+                address=exposed,
+            )
         self._log.info(
             "mpr-server {version} serving: store={store} websocket={ws} http={http} instance={instance}"
             " auth={auth} (autobahn {autobahn} nvx={nvx})",
@@ -283,11 +281,12 @@ class MprService(MultiService):
 
 def build(config: Config, reactor: Any) -> MprService:
     """The server for ``config``, not started."""
-    sockets = LocalSockets()
+    metrics = Metrics(config.store)
+    sockets = LocalSockets(metrics)
     backend = (
-        redis_backend(config, reactor, sockets)
+        redis_backend(config, reactor, sockets, metrics)
         if config.store == "redis"
-        else embedded_backend(config, reactor, sockets)
+        else embedded_backend(config, reactor, sockets, metrics)
     )
     return MprService(config, reactor, backend, sockets)
 
@@ -306,6 +305,18 @@ def listen_reuse_port(reactor: Any, port: int, factory: Any) -> IListeningPort:
         return listening
     finally:
         sock.close()  # the reactor holds its own duplicate
+
+
+def _exposed(port: IListeningPort) -> str | None:
+    """The listener's address if it is not a loopback address (None for loopback and UNIX sockets)."""
+    host = getattr(port.getHost(), "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return None if loopback else _address(port)
 
 
 def _address(port: IListeningPort) -> str:

@@ -283,6 +283,8 @@ def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config
         )
     if parsed["REDIS_TYPE"] == "cluster" and store == "redis" and not parsed["REDIS_NODES"]:
         raise ConfigError("REDIS_NODES must list the cluster nodes (host:port,...) when REDIS_TYPE=cluster")
+    if store == "redis":
+        _check_addresses(parsed)
 
     push = PushSettings(
         firebase_cfg_file=parsed["FIREBASE_CFG_FILE"] or None,
@@ -330,6 +332,32 @@ def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config
         push=push,
         auth=auth,
     )
+
+
+def _check_addresses(parsed: Mapping[str, Any]) -> None:
+    """The Redis and MongoDB addresses of the distributed store must parse, so that a typo stops
+    start-up here, named, rather than later while building clients. URLs are not echoed: they may
+    hold passwords."""
+    from mpr_server.redis.url import parse_natmap, parse_nodes, parse_redis_url
+    from mpr_server.stores.mongo.uri import parse_mongodb_uri
+
+    checks: list[tuple[str, Callable[[str], object], bool]] = [
+        ("MONGODB_URI", parse_mongodb_uri, False),
+        ("REDIS_NATMAP", parse_natmap, True),
+    ]
+    if parsed["REDIS_TYPE"] == "cluster":
+        checks.insert(0, ("REDIS_NODES", parse_nodes, True))
+    else:
+        checks.insert(0, ("REDIS_URL", parse_redis_url, False))
+    for env, parse, echo in checks:
+        raw = parsed[env]
+        if env == "REDIS_NATMAP" and not raw:
+            continue
+        try:
+            parse(raw)
+        except ValueError as e:
+            shown = f"={raw!r}" if echo else ""
+            raise ConfigError(f"{env}{shown} is invalid: {e}") from None
 
 
 def _auth_settings(parsed: Mapping[str, Any]) -> AuthSettings:

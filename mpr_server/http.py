@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from mpr_server.metrics import Metrics
 from mpr_server.stores.base import MessageStore
 
 
@@ -60,29 +61,38 @@ class Ready(Resource):
         return NOT_DONE_YET
 
 
-class Metrics(Resource):
+class MetricsPage(Resource):
+    """The registry in the Prometheus text format (OpenMetrics when the scraper asks for it).
+
+    Rendered on the reactor thread, unlike ``prometheus_client.twisted.MetricsResource`` (a WSGI
+    app in the reactor's thread pool): the collectors read state that only the reactor thread may
+    touch (the socket table, the push counts, the embedded store's SQLite connection)."""
+
     isLeaf = True
 
-    def __init__(self, render: Callable[[], bytes]) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         super().__init__()
-        self._render = render
+        self._metrics = metrics
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-        return self._render()
+        accept = request.getHeader(b"accept")
+        body, content_type = self._metrics.render(accept.decode("latin-1") if accept else None)
+        request.setHeader(b"content-type", content_type.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        return body
 
 
 def make_site(
     store: MessageStore,
     clock: IReactorTime,
     info: Callable[[], dict[str, Any]],
-    metrics: Callable[[], bytes],
+    metrics: Metrics,
     timeout_s: float = 1.0,
 ) -> Site:
     root = Resource()
     root.putChild(b"health", Health(info))
     root.putChild(b"ready", Ready(store, clock, timeout_s))
-    root.putChild(b"metrics", Metrics(metrics))
+    root.putChild(b"metrics", MetricsPage(metrics))
     site = Site(root)
     site.displayTracebacks = False
     site.noisy = False

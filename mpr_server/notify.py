@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from mpr_server.metrics import Metrics
 from mpr_server.model import Delivery, QueuedMessage
 
 
@@ -32,8 +33,10 @@ class Notifier(Protocol):
 class LocalSockets:
     """The open mediator sockets of this process, by socket id (several sockets may share one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self._sinks: dict[str, list[MessageSink]] = {}
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._sent, self._dropped = self.metrics.sent_local, self.metrics.dropped_no_socket
 
     def __contains__(self, socket_id: object) -> bool:
         return socket_id in self._sinks
@@ -55,7 +58,12 @@ class LocalSockets:
     def deliver(self, socket_id: str, connection_id: str, messages: Sequence[QueuedMessage]) -> None:
         """Give the messages to every open socket with this id. If none is open, the lease ends
         and the messages are redelivered or taken later."""
-        for sink in self._sinks.get(socket_id, ()):
+        sinks = self._sinks.get(socket_id)
+        if not sinks:
+            self._dropped.inc()
+            return
+        self._sent.inc()
+        for sink in sinks:
             sink.notify(connection_id, messages)
 
 

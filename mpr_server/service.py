@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from mpr_server._async import background
 from mpr_server.errors import StoreUnavailable
+from mpr_server.metrics import REDELIVERY_CAUSES, Metrics
 from mpr_server.model import Delivery, Lease, NewMessage, PushToken, QueuedMessage, SocketRef, TakeQuery
 from mpr_server.notify import LocalNotifier, LocalSockets, MessageSink, Notifier
 from mpr_server.stores.base import MessageStore
@@ -55,6 +56,7 @@ class PickupService(Service):
         *,
         sockets: LocalSockets | None = None,
         notifier: Notifier | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self._clock = clock
@@ -66,6 +68,15 @@ class PickupService(Service):
         self._socket_work: set[Deferred[None]] = set()  # releases and re-attaches under way
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = clock
+        self.metrics = metrics if metrics is not None else Metrics(store.name)
+        m = self.metrics
+        self._added, self._acknowledged, self._expired = m.messages_added, m.messages_acknowledged, m.messages_expired
+        self._taken, self._notified = m.messages_delivered.labels("taken"), m.messages_delivered.labels("notified")
+        self._redelivered = {cause: m.messages_redelivered.labels(cause) for cause in REDELIVERY_CAUSES}
+        #: connection -> socket id of the live sessions bound through this instance's sockets (a
+        #: session taken over through another instance stays here until this socket goes)
+        self.live_sessions: dict[str, str] = {}
+        m.live_sessions.set_function(lambda: len(self.live_sessions))
 
     # -- time ----------------------------------------------------------------------------------------
 
@@ -109,10 +120,11 @@ class PickupService(Service):
             await self._release(socket_id, False)
 
     async def _sweep_once(self) -> None:
-        self.deliver(await self.store.release_expired(self._lease()))
+        self.deliver(await self.store.release_expired(self._lease()), "lease_expired")
         if self.settings.message_ttl_ms:
             expired = await self.store.expire(self.now_ms() - self.settings.message_ttl_ms)
             if expired:
+                self._expired.inc(expired)
                 self._log.info("deleted {n} messages older than MESSAGE_TTL_MS", n=expired)
 
     def _sweep(self) -> Deferred[None]:
@@ -139,7 +151,7 @@ class PickupService(Service):
         self._for_socket(self._release(socket_id, keep), "releasing socket {socket_id}", socket_id)
 
     async def _attach(self, socket_id: str) -> None:
-        self.deliver(await self.store.attach_socket(self.holder(socket_id), self._lease()))
+        self.deliver(await self.store.attach_socket(self.holder(socket_id), self._lease()), "socket_returned")
 
     async def _release(self, socket_id: str, keep_sessions: bool) -> None:
         try:
@@ -155,7 +167,11 @@ class PickupService(Service):
             )
             self._clock.callLater(RELEASE_RETRY_S, self._retry_release, socket_id, keep_sessions)
             return
-        self.deliver(released.deliveries)
+        if not keep_sessions:
+            for connection_id in released.dropped_connections:
+                if self.live_sessions.get(connection_id) == socket_id:
+                    del self.live_sessions[connection_id]
+        self.deliver(released.deliveries, "socket_closed")
         for token, message_id in released.held_pushes:
             self._push(token, message_id)
 
@@ -183,9 +199,13 @@ class PickupService(Service):
 
     # -- notifications -------------------------------------------------------------------------------
 
-    def deliver(self, deliveries: Iterable[Delivery]) -> None:
+    def deliver(self, deliveries: Iterable[Delivery], redelivery: str | None = None) -> None:
+        """Hand the deliveries to the notifier; ``redelivery`` names why, for those that are."""
         for delivery in deliveries:
             if delivery.messages:
+                self._notified.inc(len(delivery.messages))
+                if redelivery is not None:
+                    self._redelivered[redelivery].inc(len(delivery.messages))
                 self._notifier.notify(delivery)
 
     def _push(self, token: PushToken, message_id: str) -> None:
@@ -211,6 +231,7 @@ class PickupService(Service):
             push_token=token,
         )
         result = await self.store.add(message, self._lease(), self.settings.max_queued)
+        self._added.inc()
         if result.delivery is not None:
             self.deliver((result.delivery,))
         elif result.held_by is None and token is not None:
@@ -218,24 +239,31 @@ class PickupService(Service):
         return message.id
 
     async def take(self, query: TakeQuery, socket_id: str) -> list[QueuedMessage]:
-        return await self.store.take(query, self.holder(socket_id), self._lease())
+        taken = await self.store.take(query, self.holder(socket_id), self._lease())
+        self._taken.inc(len(taken))
+        return taken
 
     async def count(self, connection_id: str, recipient_did: str | None) -> int:
         return await self.store.count(connection_id, recipient_did, self.now_ms())
 
     async def remove(self, connection_id: str, message_ids: Sequence[str]) -> None:
         await self.store.remove(connection_id, message_ids)
+        self._acknowledged.inc(len(message_ids))
 
     async def remove_all(self, connection_id: str, recipient_did: str) -> None:
         await self.store.remove_all(connection_id, recipient_did)
 
     async def add_live_session(self, connection_id: str, session_id: str, socket_id: str) -> None:
         delivery = await self.store.add_session(connection_id, session_id, self.holder(socket_id), self._lease())
+        self.live_sessions[connection_id] = socket_id
         if delivery is not None:
-            self.deliver((delivery,))
+            self.deliver((delivery,), "session_changed")
 
     async def remove_live_session(self, connection_id: str, socket_id: str, session_id: str | None) -> bool:
-        return await self.store.remove_session(connection_id, self.holder(socket_id), session_id)
+        removed = await self.store.remove_session(connection_id, self.holder(socket_id), session_id)
+        if removed:
+            self.live_sessions.pop(connection_id, None)
+        return removed
 
     async def has_live_session(self, connection_id: str) -> bool:
         return await self.store.has_session(connection_id)

@@ -90,3 +90,34 @@ def test_reuse_port_needs_the_shared_store() -> None:
         load({}, {"WS_REUSE_PORT": "true"})
     config = load({}, {"WS_REUSE_PORT": "true", "REDIS_URL": "redis://r:6379"})
     assert config.ws_reuse_port and config.ws_port == 3100
+
+
+@pytest.mark.parametrize(
+    ("environ", "name", "says"),
+    [
+        ({"REDIS_URL": "http://redis:6379"}, "REDIS_URL", "must start with redis://"),
+        ({"REDIS_URL": "redis://user@redis:6379"}, "REDIS_URL", "no password"),
+        ({"REDIS_URL": "redis://redis:port"}, "REDIS_URL", "port"),
+        ({"REDIS_TYPE": "cluster", "REDIS_NODES": "a:1,b"}, "REDIS_NODES", "host:port"),
+        ({"MPR_STORE": "redis", "REDIS_NATMAP": "10.0.0.1:7000"}, "REDIS_NATMAP", "announcedHost"),
+        ({"MONGODB_URI": "mongo://db/x"}, "MONGODB_URI", "mongodb://"),
+        ({"MONGODB_URI": "mongodb://db/x?tls=maybe"}, "MONGODB_URI", "true or false"),
+    ],
+)
+def test_bad_store_addresses_are_config_errors_naming_the_variable(
+    environ: dict[str, str], name: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({}, environ)
+    assert str(info.value).startswith(name) and says in str(info.value), str(info.value)
+
+
+def test_a_bad_redis_url_is_not_echoed_it_may_hold_a_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        load({}, {"REDIS_URL": "redis://user:s3cret-pw@redis:notaport"})
+    assert "s3cret-pw" not in str(info.value)
+
+
+def test_store_addresses_are_not_checked_for_the_embedded_store() -> None:
+    config = load({}, {"MPR_STORE": "embedded", "REDIS_URL": "http://unused"})
+    assert config.store == "embedded"

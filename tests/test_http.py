@@ -33,9 +33,9 @@ async def get(site: Any, path: bytes) -> tuple[int, bytes]:
 async def test_health_ready_and_metrics(tmp_path: Path, reactor: Any) -> None:
     store = EmbeddedStore(str(tmp_path), reactor)
     metrics = Metrics()
-    metrics.inc("mpr_calls_total", method="ping")
-    metrics.gauge("mpr_open_sockets", lambda: 3, "open mediator sockets")
-    site = make_site(store, reactor, lambda: {"store": "embedded"}, metrics.render)
+    metrics.calls.labels("ping", "ok").inc()
+    metrics.open_sockets.set_function(lambda: 3)
+    site = make_site(store, reactor, lambda: {"store": "embedded"}, metrics)
 
     status, body = await get(site, b"/health")
     assert status == 200 and orjson.loads(body)["status"] == "ok"
@@ -51,5 +51,6 @@ async def test_health_ready_and_metrics(tmp_path: Path, reactor: Any) -> None:
         await store.stop()
 
     status, body = await get(site, b"/metrics")
-    assert b'mpr_calls_total{method="ping"} 1' in body
-    assert b"mpr_open_sockets 3" in body
+    assert b'mpr_calls_total{method="ping",outcome="ok"} 1.0' in body
+    assert b"mpr_open_sockets 3.0" in body
+    assert b"process_cpu_seconds_total" in body

@@ -445,3 +445,12 @@ class EmbeddedStore:
             return deliveries
 
         return await self._submit(op)
+
+    # -- for /metrics ------------------------------------------------------------------------------
+
+    def oldest_received_ms(self) -> int | None:
+        """receivedAt of the oldest queued message (an index lookup; None when empty or closed)."""
+        if self._db is None:
+            return None
+        oldest: int | None = self._db.execute("SELECT MIN(received_at) FROM messages").fetchone()[0]
+        return oldest

@@ -8,6 +8,7 @@ themselves come as a table (see ``methods.py``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from twisted.logger import Logger
 
 from mpr_server._async import Timeouts
 from mpr_server.errors import QueueFull, StoreUnavailable
-from mpr_server.metrics import Metrics
+from mpr_server.metrics import CallMetrics, Metrics
 
 EVENTS = ("messagesReceived",)
 DEFAULT_MAX_BATCH = 1000
@@ -84,12 +85,12 @@ class Dispatcher:
         max_batch: int = DEFAULT_MAX_BATCH,
         metrics: Metrics | None = None,
     ) -> None:
-        self._metrics = metrics or Metrics()
-        self._metrics.describe("mpr_calls_total", "JSON-RPC calls by method and outcome (ok, invalid, error)")
         self._clock = clock
         self._timeouts = Timeouts.of(clock, call_timeout_s)
         self._max_batch = max_batch
         self._methods: dict[str, Handler] = {"__listMethods": self._list_methods, **methods}
+        self.metrics = metrics or Metrics()
+        self._bound: dict[str, CallMetrics] = {name: self.metrics.for_method(name) for name in self._methods}
 
     def handle(self, frame: bytes, ctx: CallContext) -> Deferred[bytes | None]:
         """The reply to a frame. Past the call deadline, the call under way is cancelled and
@@ -140,24 +141,31 @@ class Dispatcher:
         handler = self._methods.get(method)
         if handler is None:
             return self._error(RpcError(-32601, "Method not found"), reply_id)
+        bound = self._bound[method]
+        started = time.perf_counter()
         try:
             result = await handler(params, ctx)
         except RpcError as e:
-            self._metrics.inc("mpr_calls_total", method=method, outcome="invalid")
+            bound.seconds.observe(time.perf_counter() - started)
+            bound.outcomes["invalid"].inc()
             return self._error(e, reply_id) if reply_id is not None else None
         except QueueFull as e:
-            self._metrics.inc("mpr_calls_total", method=method, outcome="full")
+            bound.seconds.observe(time.perf_counter() - started)
+            bound.outcomes["full"].inc()
             return self._error(RpcError(-32001, "Queue full", {"details": str(e)}), reply_id) if reply_id else None
         except (StoreUnavailable, CancelledError) as e:
-            self._metrics.inc("mpr_calls_total", method=method, outcome="error")
+            bound.seconds.observe(time.perf_counter() - started)
+            bound.outcomes["error" if isinstance(e, StoreUnavailable) else "timeout"].inc()
             details = str(e) if isinstance(e, StoreUnavailable) else "the store did not answer in time"
             self._log.warn("{method} failed: {details}", method=method, details=details)
             return self._internal(details, reply_id)
         except Exception as e:
-            self._metrics.inc("mpr_calls_total", method=method, outcome="error")
+            bound.seconds.observe(time.perf_counter() - started)
+            bound.outcomes["error"].inc()
             self._log.failure("{method} failed", method=method)
             return self._internal(f"{type(e).__name__}: {e}", reply_id)
-        self._metrics.inc("mpr_calls_total", method=method, outcome="ok")
+        bound.seconds.observe(time.perf_counter() - started)
+        bound.outcomes["ok"].inc()
         if reply_id is None:
             return None
         return {"jsonrpc": "2.0", "result": result, "id": request_id}

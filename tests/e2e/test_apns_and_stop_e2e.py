@@ -3,7 +3,7 @@ local fake APNs of tests/push, and a graceful stop of one of two instances on th
 releasing its sessions at once (nothing reaches the internet).
 
 A push that must not happen is proved absent by a later positive event: the push of a later add
-arriving, or the server counting the final outcome of the push (``mpr_push_total`` on /metrics).
+arriving, or the server counting the final outcome of the push (``mpr_push_sends_total`` on /metrics).
 """
 
 from __future__ import annotations

@@ -2,12 +2,11 @@
 FCM server of tests/push (nothing reaches the internet).
 
 A push that must not happen is proved absent by a later positive event: the push of a later add
-arriving, or the server counting the push as throttled (``mpr_push_total`` on /metrics).
+arriving, or the server counting the push as throttled (``mpr_push_sends_total`` on /metrics).
 """
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 
@@ -37,8 +37,6 @@ firebase_file = push_fixtures.firebase_file
 mongo_db = test_distributed.mongo_db
 
 PUSH_TIMEOUT = 10.0
-METRIC_LINE = re.compile(r"^mpr_push_total\{(?P<labels>[^}]*)\} (?P<n>\d+)$")
-LABEL = re.compile(r'(?P<k>[a-z_]+)="(?P<v>[^"]*)"')
 
 
 def uid() -> str:
@@ -119,13 +117,13 @@ async def push_counts(reactor: Any, server: MprProcess, provider: str = "fcm") -
     code, _, body = await http_get(reactor, f"http://127.0.0.1:{server.app_port}/metrics")
     assert code == 200, body
     counts: dict[str, int] = {}
-    for line in body.decode().splitlines():
-        match = METRIC_LINE.match(line)
-        if match:
-            labels = {m["k"]: m["v"] for m in LABEL.finditer(match["labels"])}
-            assert set(labels) == {"provider", "outcome"}, line
-            if labels["provider"] == provider:
-                counts[labels["outcome"]] = int(match["n"])
+    for family in text_string_to_metric_families(body.decode()):
+        if family.name != "mpr_push_sends":
+            continue
+        for sample in family.samples:
+            assert set(sample.labels) == {"provider", "outcome"}, sample
+            if sample.labels["provider"] == provider and sample.value:
+                counts[sample.labels["outcome"]] = int(sample.value)
     return counts
 
 

@@ -289,6 +289,41 @@ async def test_port_options_health_ready_and_embedded_default(
 
     m = await connect(ws_port)
     assert await m.call("ping") == "pong"
+    # On every interface without authentication: the operator is told, before "serving:".
+    warning = server.output.index("authentication is off")
+    assert warning < server.output.index("serving:"), server.output
+    assert "MPR_AUTH_TOKENS" in server.output[warning:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_or_authenticated_listeners_get_no_exposure_warning(
+    mpr: MprProcess, mpr_servers: ServerFactory
+) -> None:
+    assert "authentication is off" not in mpr.output, mpr.output
+    authenticated = mpr_servers(port_options=True, env={"MPR_AUTH_TOKENS": "a-shared-secret-of-16+"})
+    await authenticated.start()
+    assert "authentication is off" not in authenticated.output, authenticated.output
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"REDIS_URL": "http://redis:6379"}, "REDIS_URL"),
+        ({"REDIS_TYPE": "cluster", "REDIS_NODES": "redis-a"}, "REDIS_NODES"),
+        ({"MPR_STORE": "redis", "REDIS_NATMAP": "10.0.0.1:6379"}, "REDIS_NATMAP"),
+        ({"MONGODB_URI": "mongo://db/x"}, "MONGODB_URI"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_store_addresses_exit_1_naming_the_variable_without_a_traceback(
+    mpr_servers: ServerFactory, env: dict[str, str], named: str
+) -> None:
+    server = mpr_servers(env=env)
+    server.spawn([TWISTD, "-n", "--pidfile=", "mpr"])
+    ended = await server.wait_ended()
+    assert ended.code == 1, (ended, server.output)
+    assert f"{named}" in server.output and "is invalid" in server.output, server.output
+    assert "Traceback" not in server.output, server.output
 
 
 @pytest_twisted.ensureDeferred

@@ -283,6 +283,27 @@ class ColdStore:
         if message_ids:
             await self._timed(self._collection.delete_many({"messageId": {"$in": list(message_ids)}}), "delete")
 
+    async def summary(self, connection_id: str | None = None) -> tuple[dict[str, tuple[int, int]], int]:
+        """For mpr-admin: our documents by connection as (count, oldest receivedAt ms), and the
+        number of documents of an original deployment (not yet imported or not importable)."""
+        match: dict[str, Any] = {MARK: 1}
+        if connection_id is not None:
+            match["connectionId"] = connection_id
+        groups = await self._timed(
+            self._collection.aggregate(
+                [{"$match": match}, {"$group": {"_id": "$connectionId", "n": {"$sum": 1}, "t": {"$min": "$createdAt"}}}]
+            ),
+            "read",
+        )
+        originals: dict[str, Any] = {MARK: {"$exists": False}}
+        if connection_id is not None:
+            originals["connectionId"] = connection_id
+        others = await self._timed(self._collection.count_documents(originals), "read")
+        by_connection = {
+            str(g["_id"]): (int(g["n"]), int(g["t"].replace(tzinfo=datetime.UTC).timestamp() * 1000)) for g in groups
+        }
+        return by_connection, int(others)
+
 
 def _keep_first(doc: dict[str, Any]) -> tuple[int, Any, str]:
     created = doc.get("createdAt")

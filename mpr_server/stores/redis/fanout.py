@@ -84,11 +84,19 @@ class RedisNotifier:
             return
         message = encode_delivery(target.socket, delivery.connection_id, delivery.messages)
         background(
-            self._redis.publish(notify_channel(target.instance), message, sharded=True),
+            self._publish(target.instance, message),
             self._log,
             "notification publish to {instance} failed",
             instance=target.instance,
         )
+
+    async def _publish(self, instance: str, message: bytes) -> None:
+        try:
+            await self._redis.publish(notify_channel(instance), message, sharded=True)
+        except BaseException:
+            self._sockets.metrics.dropped_publish.inc()
+            raise
+        self._sockets.metrics.sent_remote.inc()
 
     def _received(self, channel: str, data: Any) -> None:
         try:

@@ -9,7 +9,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from mpr_server._async import gather
+from mpr_server.errors import StoreUnavailable
+from mpr_server.metrics import Metrics
 from mpr_server.redis import RedisClient
 from mpr_server.stores.mongo.cold import ColdMessage, ColdStore
 from mpr_server.stores.redis import replies
@@ -30,6 +34,10 @@ class Tiering:
         self._indexes = indexes
         self._claims = claims
         self._threshold_ms = threshold_ms
+
+    @property
+    def threshold_ms(self) -> int:
+        return self._threshold_ms
 
     async def persist_once(self, now_ms: int, batch: int = 200) -> int:
         """Move payloads older than the threshold to MongoDB; returns how many moved. Idempotent and
@@ -69,6 +77,20 @@ class Tiering:
         await execute(self._redis, ["ZREM", key, *gone], key)
         return len(found)
 
+    async def oldest_ms(self) -> int | None:
+        """receivedAt of the oldest message in the persister's index (its payload still in Redis;
+        a removed message's entry stays until the persister passes it)."""
+        firsts = await gather(
+            [execute(self._redis, ["ZRANGE", old_key(n), 0, 0, "WITHSCORES"], old_key(n)) for n in range(BUCKETS)]
+        )
+        scores = []
+        for first in firsts:
+            if isinstance(first, Failure):
+                raise StoreUnavailable(f"Redis index read failed: {first.getErrorMessage()}")
+            if first:
+                scores.append(int(float(as_text(first[1]))))
+        return min(scores) if scores else None
+
     async def before_offload_done(self) -> None:
         """A seam for fault-injection tests: runs between the MongoDB write and the Redis removal."""
 
@@ -80,11 +102,14 @@ class Persister(Service):
 
     _log = Logger()
 
-    def __init__(self, tiering: Tiering, clock: IReactorTime, interval_s: float) -> None:
+    def __init__(
+        self, tiering: Tiering, clock: IReactorTime, interval_s: float, metrics: Metrics | None = None
+    ) -> None:
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
         self._interval_s = interval_s
         self._stopped: Deferred[LoopingCall] | None = None
+        self.metrics = metrics if metrics is not None else Metrics("redis")
         self._clock = clock
         self._tiering = tiering
 
@@ -103,8 +128,20 @@ class Persister(Service):
         now = self._clock.seconds()
         try:
             moved = await self._tiering.persist_once(int(now * 1000))
+            self.metrics.persister_moved.inc(moved)
+            self._measure(now, await self._tiering.oldest_ms())
         except Exception as e:
+            self.metrics.persister_errors.inc()
             self._log.warn("persister tick failed, the next tick retries: {error}", error=f"{type(e).__name__}: {e}")
             return
         if moved:
             self._log.debug("persisted {moved} messages to MongoDB", moved=moved)
+
+    def _measure(self, now: float, oldest_ms: int | None) -> None:
+        if oldest_ms is None:
+            self.metrics.persister_lag.set(0)
+            self.metrics.oldest_message_age.set(0)
+            return
+        age_s = max(0.0, now - oldest_ms / 1000)
+        self.metrics.oldest_message_age.set(age_s)
+        self.metrics.persister_lag.set(max(0.0, age_s - self._tiering.threshold_ms / 1000))
