@@ -183,7 +183,7 @@ async def test_a_failed_group_commit_undoes_every_registry_change_of_the_group(t
         await add(store, c1, 1)
         before = _registry_state(store)
         store.fail_next = True
-        group = [
+        group: list[Deferred[Any]] = [
             Deferred.fromCoroutine(store.add_session(c2, "s2", A, lease())),
             Deferred.fromCoroutine(store.add_session(c1, "s1b", B, lease())),
             Deferred.fromCoroutine(store.remove_session(c3, A, None)),
