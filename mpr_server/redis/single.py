@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .base import ClientBase
@@ -56,6 +56,11 @@ class SingleRedisClient(ClientBase):
 
     async def _execute(self, args: Sequence[Arg], key: str | bytes | None) -> Any:
         return await self._pool.execute(args)
+
+    async def _execute_then(
+        self, args: Sequence[Arg], then: Callable[[], Sequence[Arg]], key: str | bytes | None
+    ) -> tuple[Any, Any]:
+        return await self._pool.execute_then(args, then())
 
     async def _execute_all(self, args: Sequence[Arg]) -> dict[str, Any]:
         return {str(self.url.address): await self._pool.execute(args)}
