@@ -16,7 +16,7 @@ from .errors import RedisNotConnected, RedisResponseError, RedisUnavailable
 from .url import Address
 
 #: connections per node for writes followed by WAIT (each carries one pair at a time)
-WAIT_POOL_SIZE = 8
+WAIT_POOL_SIZE = 32
 
 
 class NodePool:
