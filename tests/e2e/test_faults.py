@@ -155,9 +155,9 @@ async def test_redis_killed_and_restarted_with_aof(
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="found by this row, not fixed yet: a live-session delivery whose removeMessages failed is not"
-    " delivered again after its lease ends (the harness waits 30 s with 2 s leases)",
+    strict=False,
+    reason="intermittent, the same defect as the frozen-Redis row: a live-session delivery whose"
+    " removeMessages failed is sometimes not delivered again after its lease ends",
 )
 @pytest_twisted.ensureDeferred
 async def test_one_of_two_instances_killed(
