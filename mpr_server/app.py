@@ -106,7 +106,7 @@ def redis_backend(config: Config, reactor: Any, sockets: LocalSockets, metrics: 
     redis = redis_client(config, reactor)
     store = RedisStore(
         redis,
-        ColdStore(config.mongodb_uri, reactor, config.call_timeout_ms / 1000),
+        ColdStore(config.mongodb_uri, reactor, config.call_timeout_ms / 1000, config.mongodb_write_concern),
         reactor,
         config.instance_id,
         instance_ttl_ms=config.instance_ttl_ms,
@@ -114,6 +114,7 @@ def redis_backend(config: Config, reactor: Any, sockets: LocalSockets, metrics: 
         threshold_ms=config.threshold_timestamp,
         allow_evicting=config.allow_evicting_redis,
         message_ttl=config.message_ttl_ms > 0,
+        wait_replicas=config.redis_wait_replicas,
     )
     notifier = RedisNotifier(redis, reactor, config.instance_id, sockets, store.holders, config.message_lease_ms)
     interval = min(max(config.threshold_timestamp / 4000, 0.5), 5.0)
@@ -172,6 +173,8 @@ class MprService(MultiService):
             config.max_frame_bytes,
             slow_reader_timeout_s=config.slow_reader_timeout_ms / 1000,
             authenticator=Authenticator(config.auth),
+            ping_interval_s=config.ws_ping_interval_ms / 1000,
+            ping_timeout_s=config.ws_ping_timeout_ms / 1000,
         )
         self.metrics.open_sockets.set_function(lambda: len(self.factory.sockets))
         self.metrics.count_pushes(lambda: self.push.counters, (*OUTCOMES, "retry"))

@@ -69,6 +69,13 @@ def _text(value: str) -> str:
     return value
 
 
+def _write_concern(value: str) -> str:
+    value = value.strip()
+    if value and value != "majority" and not (value.isdigit() and 1 <= int(value) <= 50):
+        raise ValueError("accepted values: majority, or a number of members from 1 to 50")
+    return value
+
+
 def _instance_id(value: str) -> str:
     if not value or len(value) > 64 or "/" in value or any(c.isspace() for c in value):
         raise ValueError("accepted values: up to 64 characters, no '/' or spaces")
@@ -177,6 +184,18 @@ SETTINGS: tuple[Setting, ...] = (
         _bounded(0),
         "per-connection cap on queued messages; addMessage beyond it gets error -32001 Queue full (0: no cap)",
     ),
+    Setting(
+        "WS_PING_INTERVAL_MS",
+        "30000",
+        _bounded(100),
+        "WebSocket ping sent to a mediator after this long without traffic (detects sockets that vanished)",
+    ),
+    Setting(
+        "WS_PING_TIMEOUT_MS",
+        "20000",
+        _bounded(100),
+        "a mediator that does not answer a ping within this time is disconnected; its sessions and leases are released",
+    ),
     Setting("MAX_FRAME_BYTES", str(100 * MiB), _bounded(1024), "largest accepted WebSocket frame/message"),
     Setting(
         "CALL_TIMEOUT_MS",
@@ -194,8 +213,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REDIS_NODES", "", _text, "cluster seed nodes: host:port,host:port"),
     Setting("REDIS_NATMAP", "", _text, "cluster NAT map: announcedHost:announcedPort:reachableHost:reachablePort,..."),
     Setting("ALLOW_EVICTING_REDIS", "false", parse_bool, "start even if Redis may evict keys (loses queued messages)"),
+    Setting(
+        "REDIS_WAIT_REPLICAS",
+        "0",
+        _bounded(0, 16),
+        "replicas that must acknowledge (WAIT) each change before a mediator is told it succeeded;"
+        " fewer within CALL_TIMEOUT_MS gives an error (see docs/guarantees.rst; 0: do not wait)",
+    ),
     Setting("INSTANCE_TTL_MS", "10000", _bounded(1000), "liveness TTL of an MPR instance in Redis"),
     Setting("MONGODB_URI", "mongodb://localhost:27017/MessagePickupRepository", _text, "MongoDB URI for cold storage"),
+    Setting(
+        "MONGODB_WRITE_CONCERN",
+        "",
+        _write_concern,
+        "write concern w of the cold-storage writes: majority, or a number of members (default: majority"
+        " when MONGODB_URI names a replicaSet, else 1)",
+    ),
     Setting("THRESHOLD_TIMESTAMP", "60000", _bounded(0), "messages older than this (ms) move from Redis to MongoDB"),
     Setting("FIREBASE_CFG_FILE", "", _text, "FCM service-account JSON file"),
     Setting("APNS_CFG_FILE", "", _text, "APNs JSON file {keyId, teamId, production}"),
@@ -236,14 +269,18 @@ class Config:
     max_queued_messages: int
     message_ttl_ms: int
     slow_reader_timeout_ms: int
+    ws_ping_interval_ms: int
+    ws_ping_timeout_ms: int
     call_timeout_ms: int
     redis_type: str
     redis_url: str
     redis_nodes: str
     redis_natmap: str
+    redis_wait_replicas: int
     allow_evicting_redis: bool
     instance_ttl_ms: int
     mongodb_uri: str
+    mongodb_write_concern: str
     threshold_timestamp: int
     push: PushSettings
     auth: AuthSettings
@@ -320,14 +357,18 @@ def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config
         max_queued_messages=parsed["MAX_QUEUED_MESSAGES"],
         message_ttl_ms=parsed["MESSAGE_TTL_MS"],
         slow_reader_timeout_ms=parsed["SLOW_READER_TIMEOUT_MS"],
+        ws_ping_interval_ms=parsed["WS_PING_INTERVAL_MS"],
+        ws_ping_timeout_ms=parsed["WS_PING_TIMEOUT_MS"],
         call_timeout_ms=parsed["CALL_TIMEOUT_MS"],
         redis_type=parsed["REDIS_TYPE"],
         redis_url=parsed["REDIS_URL"],
         redis_nodes=parsed["REDIS_NODES"],
         redis_natmap=parsed["REDIS_NATMAP"],
+        redis_wait_replicas=parsed["REDIS_WAIT_REPLICAS"],
         allow_evicting_redis=parsed["ALLOW_EVICTING_REDIS"],
         instance_ttl_ms=parsed["INSTANCE_TTL_MS"],
         mongodb_uri=parsed["MONGODB_URI"],
+        mongodb_write_concern=parsed["MONGODB_WRITE_CONCERN"],
         threshold_timestamp=parsed["THRESHOLD_TIMESTAMP"],
         push=push,
         auth=auth,

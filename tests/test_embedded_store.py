@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from twisted.internet.defer import Deferred
 from mpr_server.errors import StoreUnavailable
 from mpr_server.model import NewMessage, TakeQuery
 from mpr_server.stores.embedded import EmbeddedStore
-from tests.store_contract import T0, A, StoreContract, add, add_many, cid, ids, lease
+from tests.store_contract import LEASE_MS, T0, A, B, StoreContract, add, add_many, cid, ids, lease
 
 
 class TestEmbeddedStoreContract(StoreContract):
@@ -71,5 +72,131 @@ async def test_operations_of_one_turn_share_a_commit_and_fail_alone(tmp_path: Pa
             await dup
         second = await after
         assert ids(await store.take(TakeQuery(c), A, lease())) == [message.id, second.id]
+    finally:
+        await store.stop()
+
+
+# -- memory and database in step: a rolled-back operation leaves no trace in the registry ---------
+
+
+def _fail_updates_leasing_to(store: EmbeddedStore, holder: Any) -> None:
+    """Make SQLite itself refuse (RAISE in a trigger) any update that leases a row to ``holder``."""
+    assert store._db is not None
+    store._db.execute(
+        "CREATE TEMP TRIGGER refuse_lease BEFORE UPDATE OF lease_holder ON messages"
+        f" WHEN NEW.lease_holder = '{holder.key()}' BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+    )
+
+
+def _registry_state(store: EmbeddedStore) -> tuple[Any, ...]:
+    r = store.registry
+    return (
+        {c: (s.session_id, s.holder, s.away) for c, s in r.sessions.items()},
+        {h: set(cs) for h, cs in r.by_holder.items()},
+        dict(r.held),
+    )
+
+
+def _leases_in_db(store: EmbeddedStore, connection_id: str) -> list[str | None]:
+    assert store._db is not None
+    rows = store._db.execute(
+        "SELECT lease_holder FROM messages WHERE connection_id = ? ORDER BY seq", (connection_id,)
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_change_rolled_back_in_its_savepoint_leaves_the_registry_unchanged(
+    tmp_path: Path, reactor: Any
+) -> None:
+    store = EmbeddedStore(str(tmp_path), reactor)
+    await store.start()
+    try:
+        c = cid()
+        await store.add_session(c, "s-a", A, lease())
+        await add(store, c, 1)  # leased to A's session
+        before = _registry_state(store)
+        _fail_updates_leasing_to(store, B)
+        # in one group commit: B's addLiveSession fails after changing the registry, a plain add
+        # committed with it succeeds
+        failing = Deferred.fromCoroutine(store.add_session(c, "s-b", B, lease()))
+        other = cid()
+        alongside = Deferred.fromCoroutine(add(store, other, 2))
+        with pytest.raises(StoreUnavailable, match="injected failure"):
+            await failing
+        await alongside
+        assert _registry_state(store) == before
+        assert _leases_in_db(store, c) == [A.key()]
+        assert await store.count(other, None, T0) == 1
+        # A still holds the session, in memory and in the database
+        assert await store.remove_session(c, A, None) is True
+        assert _leases_in_db(store, c) == [None]
+        assert await store.has_session(c) is False
+    finally:
+        await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_socket_release_rolled_back_keeps_its_sessions(tmp_path: Path, reactor: Any) -> None:
+    store = EmbeddedStore(str(tmp_path), reactor)
+    await store.start()
+    try:
+        c_a, c_b = cid(), cid()
+        await store.add_session(c_a, "s-a", A, lease())
+        await store.add_session(c_b, "s-b", B, lease())
+        await add(store, c_b, 1)
+        # once B's lease has run out, socket A takes c_b's message (polling), so releasing A
+        # redelivers it to B's session
+        taken = await store.take(TakeQuery(c_b), A, lease(T0 + LEASE_MS))
+        assert len(taken) == 1
+        before = _registry_state(store)
+        _fail_updates_leasing_to(store, B)
+        for keep in (False, True):
+            with pytest.raises(StoreUnavailable, match="injected failure"):
+                await store.release_socket(A, keep, lease())
+            assert _registry_state(store) == before
+            assert _leases_in_db(store, c_b) == [A.key()]
+        assert await store.has_session(c_a) is True
+    finally:
+        await store.stop()
+
+
+class _CommitFailsOnce(EmbeddedStore):
+    """The seam: the group's COMMIT fails once, as SQLite reports a full disk."""
+
+    fail_next = False
+
+    def _finish(self, db: Any) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise sqlite3.OperationalError("database or disk is full")
+        super()._finish(db)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_group_commit_undoes_every_registry_change_of_the_group(tmp_path: Path, reactor: Any) -> None:
+    store = _CommitFailsOnce(str(tmp_path), reactor)
+    await store.start()
+    try:
+        c1, c2, c3 = cid(), cid(), cid()
+        await store.add_session(c1, "s1", A, lease())
+        await add(store, c1, 1)
+        before = _registry_state(store)
+        store.fail_next = True
+        group: list[Deferred[Any]] = [
+            Deferred.fromCoroutine(store.add_session(c2, "s2", A, lease())),
+            Deferred.fromCoroutine(store.add_session(c1, "s1b", B, lease())),
+            Deferred.fromCoroutine(store.remove_session(c3, A, None)),
+            Deferred.fromCoroutine(store.release_socket(A, True, lease())),
+        ]
+        for d in group:
+            with pytest.raises(StoreUnavailable, match="disk is full"):
+                await d
+        assert _registry_state(store) == before
+        assert _leases_in_db(store, c1) == [A.key()]
+        # and the store goes on from the state the database has
+        assert await store.has_session(c2) is False
+        assert await store.remove_session(c1, A, None) is True
+        assert _leases_in_db(store, c1) == [None]
     finally:
         await store.stop()

@@ -97,9 +97,9 @@ class RpcClient:
     def _closed(self, code: int | None) -> None:
         if not self.opened.called:
             self.opened.errback(ConnectionError(f"handshake failed, close code {code}"))
-        for waiter in self._pending.values():
+        pending, self._pending = self._pending, {}
+        for waiter in pending.values():
             waiter.errback(ConnectionError(f"socket closed with {code}"))
-        self._pending.clear()
         if not self.closed.called:
             self.closed.callback(code)
 

@@ -6,7 +6,7 @@ Nothing outside this package imports txredisapi: the stores use `RedisClient`.
 from .base import MessageCallback, ReconnectCallback, RedisClient, Subscription
 from .cluster import ClusterRedisClient
 from .connection import TLSOptions
-from .errors import RedisError, RedisNotConnected, RedisResponseError, RedisUnavailable
+from .errors import RedisError, RedisNotConnected, RedisNotReplicated, RedisResponseError, RedisUnavailable
 from .factory import client_from_settings
 from .script import Script
 from .single import SingleRedisClient
@@ -21,6 +21,7 @@ __all__ = [
     "RedisClient",
     "RedisError",
     "RedisNotConnected",
+    "RedisNotReplicated",
     "RedisResponseError",
     "RedisURL",
     "RedisUnavailable",

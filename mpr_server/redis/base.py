@@ -11,10 +11,16 @@ from twisted.logger import Logger
 from mpr_server._async import Timeouts, deadline
 
 from .connection import Arg, ConnectionSettings, command_name
-from .errors import RedisResponseError, RedisUnavailable
+from .errors import RedisNotReplicated, RedisResponseError, RedisUnavailable
 from .pubsub import Channel, PubSubConnection
 from .script import Script
 from .url import Address
+
+#: the share of a call's time left that WAIT may use, and the least time it leaves, so that its
+#: reply beats the deadline (Redis notices a WAIT timeout on its next event-loop turn, up to
+#: 100 ms late at the default hz 10)
+WAIT_SHARE = 0.75
+WAIT_MARGIN_MS = 150
 
 #: called with (channel, message) for every message on a subscribed channel
 MessageCallback = Callable[[str, Any], object]
@@ -69,9 +75,14 @@ class RedisClient(Protocol):
         args: Sequence[Arg] = (),
         *,
         timeout: float | None = None,
+        replicas: int = 0,
     ) -> Any:
         """EVALSHA, falling back to EVAL when the node does not know the script
-        (NOSCRIPT); routed by keys[0]. Keys must share a slot in a cluster."""
+        (NOSCRIPT); routed by keys[0]. Keys must share a slot in a cluster.
+
+        With ``replicas`` > 0, ``WAIT replicas <time left>`` follows on the same connection,
+        and RedisNotReplicated is raised (the script did run) unless that many replicas
+        acknowledged the write before the call's timeout."""
 
     async def publish(self, channel: str, message: Arg, *, sharded: bool = False, timeout: float | None = None) -> int:
         """PUBLISH, or SPUBLISH routed by the channel's slot when sharded (a single
@@ -126,6 +137,13 @@ class ClientBase:
     async def _execute(self, args: Sequence[Arg], key: str | bytes | None) -> Any:
         raise NotImplementedError
 
+    async def _execute_then(
+        self, args: Sequence[Arg], then: Callable[[], Sequence[Arg]], key: str | bytes | None
+    ) -> tuple[Any, Any]:
+        """``args`` and then ``then()`` (made at the moment they are sent) back to back on one
+        connection to the node for ``key``."""
+        raise NotImplementedError
+
     async def _execute_all(self, args: Sequence[Arg]) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -167,6 +185,36 @@ class ClientBase:
         # EVAL also caches the script on that node for the next EVALSHA
         return await self._execute(["EVAL", script.source, *tail], key)
 
+    async def _eval_replicated(
+        self, script: Script, keys: Sequence[str | bytes], args: Sequence[Arg], replicas: int, ends_at: float
+    ) -> Any:
+        key = keys[0] if keys else None
+        tail: list[Arg] = [len(keys), *keys, *args]
+        try:
+            return await self._replicated(["EVALSHA", script.sha1, *tail], key, replicas, ends_at)
+        except RedisResponseError as e:
+            if e.code != "NOSCRIPT":
+                raise
+        return await self._replicated(["EVAL", script.source, *tail], key, replicas, ends_at)
+
+    async def _replicated(self, args: Sequence[Arg], key: str | bytes | None, replicas: int, ends_at: float) -> Any:
+        waited = [0]
+
+        def wait() -> list[Arg]:
+            # WAIT must answer before the call's own deadline fires (redirects and reconnects
+            # may have used some of it); WAIT 0 would block for ever
+            left_ms = (ends_at - self._reactor.seconds()) * 1000
+            waited[0] = max(1, int(left_ms - max(WAIT_MARGIN_MS, left_ms * (1 - WAIT_SHARE))))
+            return ["WAIT", replicas, waited[0]]
+
+        reply, acked = await self._execute_then(args, wait, key)
+        if int(acked) < replicas:
+            raise RedisNotReplicated(
+                f"{command_name(args)} ran on the master, but only {acked} of {replicas} replicas acknowledged it"
+                f" within {waited[0]} ms"
+            )
+        return reply
+
     # -- public API
 
     async def execute(
@@ -181,8 +229,13 @@ class ClientBase:
         args: Sequence[Arg] = (),
         *,
         timeout: float | None = None,
+        replicas: int = 0,
     ) -> Any:
-        return await self._timed(self._eval(script, keys, args), timeout, "EVALSHA")
+        if replicas <= 0:
+            return await self._timed(self._eval(script, keys, args), timeout, "EVALSHA")
+        seconds = self.timeout if timeout is None else timeout
+        ends_at = self._reactor.seconds() + seconds
+        return await self._timed(self._eval_replicated(script, keys, args, replicas, ends_at), seconds, "EVALSHA+WAIT")
 
     async def publish(self, channel: str, message: Arg, *, sharded: bool = False, timeout: float | None = None) -> int:
         if self._wire_sharded(sharded):

@@ -197,6 +197,23 @@ class ClusterRedisClient(ClientBase):
     # -- commands
 
     async def _execute(self, args: Sequence[Arg], key: str | bytes | None) -> Any:
+        return await self._route(args, key, lambda pool, asking: pool.execute(args, asking=asking))
+
+    async def _execute_then(
+        self, args: Sequence[Arg], then: Callable[[], Sequence[Arg]], key: str | bytes | None
+    ) -> tuple[Any, Any]:
+        pair: tuple[Any, Any] = await self._route(
+            args, key, lambda pool, asking: pool.execute_then(args, then(), asking=asking)
+        )
+        return pair
+
+    async def _route(
+        self,
+        args: Sequence[Arg],
+        key: str | bytes | None,
+        send: Callable[[NodePool, bool], Coroutine[Any, Any, Any]],
+    ) -> Any:
+        """Send to the node owning ``key``'s slot, following redirects and failovers."""
         if not self._masters:
             await self.refresh_slots()
         slot = key_slot(key) if key is not None else None
@@ -204,7 +221,7 @@ class ClusterRedisClient(ClientBase):
         for attempt in range(self.max_redirects + 1):
             address = ask or self._node_for(slot)
             try:
-                return await self._pool(address).execute(args, asking=ask is not None)
+                return await send(self._pool(address), ask is not None)
             except RedisResponseError as e:
                 ask = None
                 if e.code == "MOVED":

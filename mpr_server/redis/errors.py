@@ -27,3 +27,8 @@ class RedisResponseError(RedisError):
 
 class RedisNotConnected(RedisUnavailable):
     """There is no connection to the node: the command was not sent (safe to retry)."""
+
+
+class RedisNotReplicated(RedisUnavailable):
+    """The write ran on the master, but fewer replicas than required acknowledged it in
+    time (``WAIT``): it is applied, and it may be lost if that master fails now."""

@@ -70,7 +70,10 @@ class SingleRedisClient(ClientBase):
         args: Sequence[Arg] = (),
         *,
         timeout: float | None = None,
+        replicas: int = 0,
     ) -> Any:
+        if replicas > 0:
+            return await super().eval_script(script, keys, args, timeout=timeout, replicas=replicas)
         timeouts = self._timeouts(timeout)
         tail: list[Arg] = [len(keys), *keys, *args]
         try:
@@ -83,6 +86,11 @@ class SingleRedisClient(ClientBase):
 
     async def _execute(self, args: Sequence[Arg], key: str | bytes | None) -> Any:
         return await self._pool.execute(args)
+
+    async def _execute_then(
+        self, args: Sequence[Arg], then: Callable[[], Sequence[Arg]], key: str | bytes | None
+    ) -> tuple[Any, Any]:
+        return await self._pool.execute_then(args, then())
 
     async def _execute_all(self, args: Sequence[Arg]) -> dict[str, Any]:
         return {str(self.url.address): await self._pool.execute(args)}

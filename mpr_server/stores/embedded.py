@@ -5,6 +5,10 @@ reactor turn share a transaction (group commit), each inside its own savepoint s
 operation does not undo the others. A call's Deferred fires only after its transaction commits, so
 an acknowledged ``addMessage`` is in the WAL and survives ``kill -9`` of the process (with
 ``synchronous=FULL`` it also survives a power loss).
+
+The live-session registry lives in memory (:class:`Registry`) and changes inside the same
+operations; every change is journalled, so that an operation whose savepoint rolls back, or a
+transaction that fails as a whole, leaves the registry exactly as the database: as if it never ran.
 """
 
 from __future__ import annotations
@@ -80,6 +84,79 @@ class _Session:
     away: bool = False
 
 
+class Registry:
+    """The live sessions, by connection and by holding socket, and the pushes held back while a
+    session's socket is away. Changed only through the methods below, each of which journals how
+    to undo it until the transaction it ran in is over (:meth:`mark`, :meth:`undo_to`,
+    :meth:`settle`)."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, _Session] = {}
+        self.by_holder: dict[SocketRef, set[str]] = {}
+        self.held: dict[str, tuple[PushToken, str]] = {}
+        self._undo: list[Callable[[], None]] = []
+
+    def mark(self) -> int:
+        return len(self._undo)
+
+    def undo_to(self, mark: int) -> None:
+        """Undo the changes made since ``mark``, newest first."""
+        while len(self._undo) > mark:
+            self._undo.pop()()
+
+    def settle(self) -> None:
+        """The transaction is over: its changes stay."""
+        self._undo.clear()
+
+    def _restore(self, table: dict[Any, Any], key: Any) -> None:
+        if key in table:
+            old = table[key]
+            self._undo.append(lambda: table.__setitem__(key, old))
+        else:
+            self._undo.append(lambda: table.pop(key, None))
+
+    def put(self, connection_id: str, session: _Session) -> None:
+        self._restore(self.sessions, connection_id)
+        self.sessions[connection_id] = session
+        holder_set = self.by_holder.get(session.holder)
+        if holder_set is None:
+            self._restore(self.by_holder, session.holder)
+            self.by_holder[session.holder] = {connection_id}
+        elif connection_id not in holder_set:
+            holder_set.add(connection_id)
+            self._undo.append(lambda: holder_set.discard(connection_id))
+
+    def drop(self, connection_id: str) -> _Session | None:
+        self.drop_push(connection_id)
+        if connection_id not in self.sessions:
+            return None
+        self._restore(self.sessions, connection_id)
+        session = self.sessions.pop(connection_id)
+        held = self.by_holder.get(session.holder)
+        if held is not None and connection_id in held:
+            held.discard(connection_id)
+            self._undo.append(lambda: held.add(connection_id))
+            if not held:
+                self._restore(self.by_holder, session.holder)
+                del self.by_holder[session.holder]
+        return session
+
+    def set_away(self, connection_id: str, away: bool) -> None:
+        session = self.sessions[connection_id]
+        before = session.away
+        session.away = away
+        self._undo.append(lambda: setattr(session, "away", before))
+
+    def hold_push(self, connection_id: str, push: tuple[PushToken, str]) -> None:
+        self._restore(self.held, connection_id)
+        self.held[connection_id] = push
+
+    def drop_push(self, connection_id: str) -> None:
+        if connection_id in self.held:
+            self._restore(self.held, connection_id)
+            del self.held[connection_id]
+
+
 def _queued(row: Row) -> QueuedMessage:
     return QueuedMessage(id=row[1], received_at_ms=row[2], payload=bytes(row[3]))
 
@@ -99,10 +176,7 @@ class EmbeddedStore:
         self._batch: Batcher[tuple[Callable[[sqlite3.Connection], Any], Deferred[Any]]] = Batcher(
             reactor, 0, self._commit
         )
-        self._sessions: dict[str, _Session] = {}
-        self._by_holder: defaultdict[SocketRef, set[str]] = defaultdict(set)
-        # the last push held back per connection while its session's socket was away
-        self._held: dict[str, tuple[PushToken, str]] = {}
+        self.registry = Registry()
 
     @property
     def path(self) -> str:
@@ -162,27 +236,32 @@ class EmbeddedStore:
                 d.errback(StoreUnavailable("embedded store is closed"))
             return
         outcomes: list[tuple[Deferred[Any], bool, Any]] = []
+        registry = self.registry
         try:
             db.execute("BEGIN IMMEDIATE")
             for op, d in batch:
                 db.execute("SAVEPOINT op")
+                mark = registry.mark()
                 try:
                     result = op(db)
                 except Exception as e:
                     db.execute("ROLLBACK TO op")
                     db.execute("RELEASE op")
+                    registry.undo_to(mark)
                     outcomes.append((d, False, e))
                 else:
                     db.execute("RELEASE op")
                     outcomes.append((d, True, result))
-            db.execute("COMMIT")
+            self._finish(db)
         except sqlite3.Error as e:
             self._log.failure("embedded store transaction failed")
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            registry.undo_to(0)
             for _, d in batch:
                 d.errback(StoreUnavailable(f"embedded store failed: {e}"))
             return
+        registry.settle()
         for d, ok, value in outcomes:
             if ok:
                 d.callback(value)
@@ -190,6 +269,10 @@ class EmbeddedStore:
                 d.errback(StoreUnavailable(f"embedded store failed: {value}"))
             else:
                 d.errback(value)
+
+    def _finish(self, db: sqlite3.Connection) -> None:
+        """COMMIT the group's transaction (a seam for tests that make it fail)."""
+        db.execute("COMMIT")
 
     # -- helpers run inside operations -----------------------------------------------------------
 
@@ -209,24 +292,13 @@ class EmbeddedStore:
             by_connection[row[1]].append(row)
         deliveries = []
         for connection_id, group in by_connection.items():
-            session = self._sessions.get(connection_id)
+            session = self.registry.sessions.get(connection_id)
             if session is None or session.away or session.holder == skip:
                 continue
             self._lease_to(db, group, session.holder, lease.until_ms)
             messages = [QueuedMessage(id=r[2], received_at_ms=r[3], payload=bytes(r[4])) for r in group]
             deliveries.append(Delivery(session.holder, connection_id, messages))
         return deliveries
-
-    def _drop_session(self, connection_id: str) -> _Session | None:
-        self._held.pop(connection_id, None)
-        session = self._sessions.pop(connection_id, None)
-        if session is not None:
-            held = self._by_holder.get(session.holder)
-            if held is not None:
-                held.discard(connection_id)
-                if not held:
-                    del self._by_holder[session.holder]
-        return session
 
     # -- MessageStore ----------------------------------------------------------------------------
 
@@ -242,7 +314,7 @@ class EmbeddedStore:
                 ).fetchone()[0]
                 if queued >= max_queued:
                     raise QueueFull(f"the queue of connection {message.connection_id} is full ({max_queued} messages)")
-            session = self._sessions.get(message.connection_id)
+            session = self.registry.sessions.get(message.connection_id)
             holder = session.holder if session is not None and not session.away else None
             cursor = db.execute(
                 "INSERT INTO messages (id, connection_id, recipients, payload, size, received_at,"
@@ -268,7 +340,7 @@ class EmbeddedStore:
                 return AddResult(delivery=Delivery(holder, message.connection_id, (queued,)))
             if session is not None:
                 if message.push_token is not None:
-                    self._held[message.connection_id] = (message.push_token, message.id)
+                    self.registry.hold_push(message.connection_id, (message.push_token, message.id))
                 return AddResult(held_by=session.holder)
             return AddResult()
 
@@ -352,9 +424,8 @@ class EmbeddedStore:
         self, connection_id: str, session_id: str, holder: SocketRef, lease: Lease
     ) -> Delivery | None:
         def op(db: sqlite3.Connection) -> Delivery | None:
-            self._drop_session(connection_id)
-            self._sessions[connection_id] = _Session(session_id, holder)
-            self._by_holder[holder].add(connection_id)
+            self.registry.drop(connection_id)
+            self.registry.put(connection_id, _Session(session_id, holder))
             rows = db.execute(
                 "UPDATE messages SET lease_holder = ?, lease_until = ?"
                 " WHERE connection_id = ? AND lease_holder IS NOT NULL RETURNING seq, id, received_at, payload",
@@ -368,14 +439,14 @@ class EmbeddedStore:
 
     async def remove_session(self, connection_id: str, holder: SocketRef, session_id: str | None) -> bool:
         def op(db: sqlite3.Connection) -> bool:
-            session = self._sessions.get(connection_id)
+            session = self.registry.sessions.get(connection_id)
             if session is None:
                 return False
             if session_id is not None and session.session_id != session_id:
                 return False
             if session_id is None and session.holder != holder:
                 return False
-            self._drop_session(connection_id)
+            self.registry.drop(connection_id)
             db.execute(
                 "UPDATE messages SET lease_holder = NULL, lease_until = NULL"
                 " WHERE connection_id = ? AND lease_holder = ?",
@@ -386,7 +457,7 @@ class EmbeddedStore:
         return await self._submit(op)
 
     async def has_session(self, connection_id: str) -> bool:
-        return await self._submit(lambda db: connection_id in self._sessions)
+        return await self._submit(lambda db: connection_id in self.registry.sessions)
 
     async def release_expired(self, lease: Lease) -> list[Delivery]:
         def op(db: sqlite3.Connection) -> list[Delivery]:
@@ -406,18 +477,18 @@ class EmbeddedStore:
                 " RETURNING seq, connection_id, id, received_at, payload",
                 (holder.key(),),
             ).fetchall()
-            held = sorted(self._by_holder.get(holder, ()))
+            held = sorted(self.registry.by_holder.get(holder, ()))
             pushes = []
             if keep_sessions:
                 for connection_id in held:
-                    self._sessions[connection_id].away = True
+                    self.registry.set_away(connection_id, True)
                 dropped: list[str] = []
             else:
                 for connection_id in held:
-                    push = self._held.get(connection_id)
+                    push = self.registry.held.get(connection_id)
                     if push is not None:
                         pushes.append(push)
-                    self._drop_session(connection_id)
+                    self.registry.drop(connection_id)
                 dropped = held
             return SocketRelease(dropped, self._redeliver(db, rows, lease, skip=holder), pushes)
 
@@ -435,9 +506,9 @@ class EmbeddedStore:
     async def attach_socket(self, holder: SocketRef, lease: Lease) -> list[Delivery]:
         def op(db: sqlite3.Connection) -> list[Delivery]:
             deliveries = []
-            for connection_id in sorted(self._by_holder.get(holder, ())):
-                self._sessions[connection_id].away = False
-                self._held.pop(connection_id, None)
+            for connection_id in sorted(self.registry.by_holder.get(holder, ())):
+                self.registry.set_away(connection_id, False)
+                self.registry.drop_push(connection_id)
                 rows = self._select_pending(db, connection_id, None, lease.now_ms, 0).fetchall()
                 if rows:
                     self._lease_to(db, rows, holder, lease.until_ms)

@@ -166,6 +166,8 @@ class MediatorFactory(WebSocketServerFactory):
         slow_reader_timeout_s: float = 30.0,
         max_blocked_bytes: int = 16 * 1024 * 1024,
         authenticator: Authenticator | None = None,
+        ping_interval_s: float = 30.0,
+        ping_timeout_s: float = 20.0,
     ) -> None:
         super().__init__(reactor=reactor)
         self.authenticator = authenticator or Authenticator(AuthSettings())
@@ -183,8 +185,9 @@ class MediatorFactory(WebSocketServerFactory):
             failByDrop=False,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=3,
-            autoPingInterval=30,
-            autoPingTimeout=20,
+            # a mediator whose socket vanished without a close is dropped after interval + timeout
+            autoPingInterval=ping_interval_s,
+            autoPingTimeout=ping_timeout_s,
             perMessageCompressionAccept=lambda offers: None,
         )
         self.server = "mpr-server"

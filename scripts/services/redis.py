@@ -90,6 +90,10 @@ class RedisServer:
         hung node; a fault test). SIGKILL and stop() end a frozen server too."""
         signal_pid(self.pid, "redis-server", signal.SIGSTOP)
 
+    def thaw(self) -> None:
+        """SIGCONT exactly this server: a frozen server resumes where it stopped."""
+        signal_pid(self.pid, "redis-server", signal.SIGCONT)
+
     def to_json(self) -> dict[str, object]:
         return {"kind": "redis", "host": self.host, "port": self.port, "pid": self.pid, "dir": self.dir}
 

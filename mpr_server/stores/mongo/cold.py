@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from pymongo.write_concern import WriteConcern
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -43,14 +44,26 @@ class ColdMessage:
     received_at_ms: int
 
 
+def write_concern_of(setting: str | None, replica_set: str | None) -> str | int:
+    """MONGODB_WRITE_CONCERN's ``w``: as given, or by default ``majority`` when the URI names a
+    replica set (an acknowledged write then survives the primary's failure) and 1 otherwise."""
+    if not setting:
+        return "majority" if replica_set else 1
+    return int(setting) if setting.isdigit() else setting
+
+
 class ColdStore:
-    def __init__(self, uri: str, reactor: IReactorTime, timeout_s: float = 1.5) -> None:
+    def __init__(
+        self, uri: str, reactor: IReactorTime, timeout_s: float = 1.5, write_concern: str | None = None
+    ) -> None:
         self._settings = parse_mongodb_uri(uri)
+        self.write_concern = write_concern_of(write_concern, self._settings.replica_set)
         self._db_name = self._settings.database
         self._reactor = reactor
         self._timeout = timeout_s
         self._pool: Any = None
         self._collection: Any = None
+        self._writes: Any = None  # the collection with our write concern
         self._tls: MongoTLSConnector | None = None
         # documents of an original deployment set aside by start(), for the import's report
         self.set_aside_at_start_duplicates = 0
@@ -95,6 +108,11 @@ class ColdStore:
             raise StoreUnavailable(f"MongoDB connection setup failed: {type(e).__name__}: {e}") from e
         db = self._pool[self._db_name]
         self._collection = db[COLLECTION]
+        # wtimeout below our own deadline: a write the replicas did not confirm in time fails
+        wtimeout_ms = max(1, int(self._timeout * 900))
+        self._writes = self._collection.with_options(
+            write_concern=WriteConcern(w=self.write_concern, wtimeout=wtimeout_ms)
+        )
         await self._check_connection(db)
         await self._adopt_message_id_index(db)
         await self._timed(
@@ -197,7 +215,7 @@ class ColdStore:
             ),
             "write",
         )
-        await self._timed(self._collection.delete_many({"_id": {"$in": [d["_id"] for d in docs]}}), "delete")
+        await self._timed(self._writes.delete_many({"_id": {"$in": [d["_id"] for d in docs]}}), "delete")
 
     async def _check_connection(self, db: Any) -> None:
         """Connect; txmongo logs and swallows authentication failures: ask the server who we are."""
@@ -245,7 +263,7 @@ class ColdStore:
             for m in messages
         ]
         if requests:
-            await self._timed(self._collection.bulk_write(requests, ordered=False), "write")
+            await self._timed(self._writes.bulk_write(requests, ordered=False), "write")
 
     async def payloads(self, message_ids: Sequence[str]) -> dict[str, bytes]:
         if not message_ids:
@@ -276,12 +294,12 @@ class ColdStore:
         """Mark documents of an original deployment as imported (their messages are queued)."""
         if object_ids:
             await self._timed(
-                self._collection.update_many({"_id": {"$in": list(object_ids)}}, {"$set": {MARK: 1}}), "write"
+                self._writes.update_many({"_id": {"$in": list(object_ids)}}, {"$set": {MARK: 1}}), "write"
             )
 
     async def delete(self, message_ids: Sequence[str]) -> None:
         if message_ids:
-            await self._timed(self._collection.delete_many({"messageId": {"$in": list(message_ids)}}), "delete")
+            await self._timed(self._writes.delete_many({"messageId": {"$in": list(message_ids)}}), "delete")
 
     async def summary(self, connection_id: str | None = None) -> tuple[dict[str, tuple[int, int]], int]:
         """For mpr-admin: our documents by connection as (count, oldest receivedAt ms), and the

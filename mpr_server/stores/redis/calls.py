@@ -11,10 +11,17 @@ from mpr_server.redis import RedisClient, RedisError, Script
 from mpr_server.stores.redis.keys import connection_keys
 
 
-async def run_script(redis: RedisClient, script: Script, connection_id: str, args: Sequence[Any]) -> Any:
+async def run_script(
+    redis: RedisClient, script: Script, connection_id: str, args: Sequence[Any], *, replicas: int = 0
+) -> Any:
+    """Run ``script`` on the connection's keys; with ``replicas``, only succeed once that many
+    replicas have the change (REDIS_WAIT_REPLICAS)."""
     try:
         return await redis.eval_script(
-            script, connection_keys(connection_id), [str(a) if isinstance(a, int) else a for a in args]
+            script,
+            connection_keys(connection_id),
+            [str(a) if isinstance(a, int) else a for a in args],
+            replicas=replicas,
         )
     except RedisError as e:
         raise StoreUnavailable(f"Redis: {e}") from e

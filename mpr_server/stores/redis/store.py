@@ -74,6 +74,7 @@ class RedisStore:
         threshold_ms: int = 60_000,
         allow_evicting: bool = False,
         message_ttl: bool = False,
+        wait_replicas: int = 0,
     ) -> None:
         if "/" in instance_id:
             raise ValueError("an instance id must not contain '/'")
@@ -84,6 +85,8 @@ class RedisStore:
         self._lease_ms = lease_ms
         self._allow_evicting = allow_evicting
         self._message_ttl = message_ttl
+        # replicas that must have a change before a mediator is told it succeeded
+        self.wait_replicas = wait_replicas
         self.liveness = Liveness(redis, reactor, instance_id, instance_ttl_ms)
         self.holders = LocalHolders(instance_id)
         self.indexes = IndexWriter(redis, reactor, message_ttl)
@@ -94,8 +97,10 @@ class RedisStore:
 
     # -- plumbing --------------------------------------------------------------------------------
 
-    async def _run(self, script: Script, connection_id: str, args: Sequence[Any]) -> Any:
-        return await run_script(self.redis, script, connection_id, args)
+    async def _run(self, script: Script, connection_id: str, args: Sequence[Any], *, acked: bool = False) -> Any:
+        """Run a script; ``acked``: the mediator is told the change succeeded, so it waits for
+        REDIS_WAIT_REPLICAS replicas to have it."""
+        return await run_script(self.redis, script, connection_id, args, replicas=self.wait_replicas if acked else 0)
 
     async def _exec(self, args: Sequence[Any], key: str) -> Any:
         return await execute(self.redis, args, key)
@@ -185,6 +190,7 @@ class RedisStore:
                     max_queued,
                     _token_json(message),
                 ],
+                acked=True,
             )
         )
         if reply.kind == "full":
@@ -219,6 +225,7 @@ class RedisStore:
                     cutoff,
                     self._lease_ms,
                 ],
+                acked=bool(lease_holder) or query.delete,
             )
         )
         messages = await self._complete(reply.messages)
@@ -243,14 +250,16 @@ class RedisStore:
         offloaded: list[str] = []
         for start in range(0, len(message_ids), REMOVE_BATCH):
             batch = list(message_ids[start : start + REMOVE_BATCH])
-            reply = replies.remove(await self._run(lua.REMOVE, connection_id, batch))
+            reply = replies.remove(await self._run(lua.REMOVE, connection_id, batch, acked=True))
             removed += reply.removed
             offloaded.extend(reply.offloaded)
         await self.cold.delete(offloaded)
         return removed
 
     async def remove_all(self, connection_id: str, recipient_did: str) -> None:
-        await self.cold.delete(replies.remove_all(await self._run(lua.REMOVE_ALL, connection_id, [recipient_did])))
+        await self.cold.delete(
+            replies.remove_all(await self._run(lua.REMOVE_ALL, connection_id, [recipient_did], acked=True))
+        )
 
     async def add_session(
         self, connection_id: str, session_id: str, holder: SocketRef, lease: Lease
@@ -260,6 +269,7 @@ class RedisStore:
                 lua.ADD_SESSION,
                 connection_id,
                 [session_id, holder.instance, holder.socket, lease.now_ms, lease.until_ms],
+                acked=True,
             )
         )
         self.holders.track_session(holder, connection_id)
@@ -269,7 +279,9 @@ class RedisStore:
         return await self._delivery(Redelivery(holder, reply), connection_id, lease.until_ms)
 
     async def remove_session(self, connection_id: str, holder: SocketRef, session_id: str | None) -> bool:
-        removed = replies.flag(await self._run(lua.REMOVE_SESSION, connection_id, [holder.key(), session_id or ""]))
+        removed = replies.flag(
+            await self._run(lua.REMOVE_SESSION, connection_id, [holder.key(), session_id or ""], acked=True)
+        )
         if removed and session_id is None:
             # The caller held it; the script released every lease it had on the connection.
             self.holders.forget(holder, connection_id)

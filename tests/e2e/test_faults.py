@@ -1,0 +1,191 @@
+"""The fault matrix: the accounting harness (tests/harness/accounting.py) run against real
+``twistd -n mpr`` processes while one thing fails, each row bounded and on 127.0.0.1.
+
+Rows here: the Redis server frozen (SIGSTOP) for longer than the call deadline; Redis killed
+(-9) and restarted with AOF (``appendfsync always``); one of two instances killed (-9). The
+Redis Cluster master kill with and without REDIS_WAIT_REPLICAS is in
+tests/redis/test_replica_acks.py, the embedded store's rollback in tests/test_embedded_store.py.
+
+``MPR_SOAK=N`` multiplies the messages of every row (a longer soak on demand).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pymongo
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+
+from scripts.services.redis import RedisServer, start_redis
+from tests.e2e.conftest import Connect, ServerFactory
+from tests.e2e.test_distributed import MongoDb, start_all, store_args, uid
+from tests.harness.accounting import DID, Ledger, Mediators, marked_payload
+from tests.services import Mongo, start_or_skip
+from tests.wsclient import RpcCallError
+
+SOAK = max(1, int(os.environ.get("MPR_SOAK", "1") or "1"))
+TOTAL = 240 * SOAK
+CALL_TIMEOUT_MS = 500
+LEASE_MS = 2000
+DRAIN_S = 30.0
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own (it is frozen or killed), AOF on and fsynced at every write."""
+    server = start_or_skip("redis-server", lambda: start_redis(aof=True, extra_args=["--appendfsync", "always"]))
+    try:
+        yield server
+    finally:
+        try:
+            server.thaw()
+        except Exception:
+            pass
+        server.stop()
+
+
+@pytest.fixture
+def mongo_db(mongod: Mongo) -> Iterator[MongoDb]:
+    name = f"mpr_faults_{uid()}"
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongod.uri, serverSelectionTimeoutMS=5000)
+    try:
+        yield MongoDb(client, name, f"{mongod.uri}/{name}")
+    finally:
+        client.drop_database(name)
+        client.close()
+
+
+def instance(mpr_servers: ServerFactory, redis: RedisServer, mongo_db: MongoDb, name: str) -> Any:
+    return mpr_servers(
+        extra_args=store_args(["--redis-url", f"redis://{redis.host}:{redis.port}"], mongo_db.uri, name),
+        env={"CALL_TIMEOUT_MS": str(CALL_TIMEOUT_MS), "MESSAGE_LEASE_MS": str(LEASE_MS)},
+    )
+
+
+async def run(reactor: Any, mediators: Mediators, producers: list[Any], live: Any, poller: Any, fault: Any) -> None:
+    """Produce TOTAL messages while consuming, with ``fault()`` started after a third of them."""
+    consumers = [
+        Deferred.fromCoroutine(mediators.consume_live(live)),
+        Deferred.fromCoroutine(mediators.poll(poller)),
+    ]
+    await mediators.produce(producers, TOTAL // 3)
+    await fault()
+    await mediators.produce(producers, TOTAL)
+    await mediators.drained(poller, DRAIN_S)
+    mediators.running = False
+    for d in consumers:
+        await d
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="found by this row, not fixed yet: a live-session delivery whose removeMessages failed is not"
+    " delivered again after its lease ends (the harness waits 30 s with 2 s leases)",
+)
+@pytest_twisted.ensureDeferred
+async def test_redis_frozen_beyond_the_call_deadline(
+    reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
+) -> None:
+    server = instance(mpr_servers, own_redis, mongo_db, "frozen")
+    await start_all(server)
+    ledger = Ledger()
+    mediators = Mediators(reactor, ledger)
+    live, poller, producer = [await connect(server.ws_port) for _ in range(3)]
+    await mediators.attach_live(live)
+    seen: dict[str, Any] = {}
+
+    async def freeze() -> None:
+        own_redis.freeze()
+        try:
+            started = time.monotonic()
+            with pytest.raises(RpcCallError) as error:
+                await producer.call(
+                    "addMessage",
+                    {"connectionId": mediators.v2[0], "recipientDids": [DID], "payload": marked_payload("x")},
+                )
+            seen["error_after_s"] = time.monotonic() - started
+            seen["error"] = error.value.error
+            # frozen for three call deadlines in all: every call meanwhile fails, none hangs
+            with pytest.raises(RpcCallError):
+                await poller.call("getAvailableMessageCount", {"connectionId": mediators.v2[0]})
+            with pytest.raises(RpcCallError):
+                await poller.call("takeFromQueue", {"connectionId": mediators.v2[0], "limit": 1})
+        finally:
+            own_redis.thaw()
+
+    await run(reactor, mediators, [producer], live, poller, freeze)
+    # the add that got the error may have been applied (at-least-once): it is then delivered as
+    # an unknown id, which the ledger counts and lets through
+    assert seen["error_after_s"] < CALL_TIMEOUT_MS / 1000 + 0.5, seen
+    print("redis frozen:", ledger.check(max_duplicates=TOTAL // 10), "first error", seen)
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_killed_and_restarted_with_aof(
+    reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
+) -> None:
+    server = instance(mpr_servers, own_redis, mongo_db, "aof")
+    await start_all(server)
+    ledger = Ledger()
+    mediators = Mediators(reactor, ledger)
+    live, poller, producer = [await connect(server.ws_port) for _ in range(3)]
+    await mediators.attach_live(live)
+    restarted: list[RedisServer] = []
+
+    async def restart() -> None:
+        own_redis.kill()
+        restarted.append(
+            start_redis(own_redis.port, dir=own_redis.dir, aof=True, extra_args=["--appendfsync", "always"])
+        )
+        # the live sessions survive in Redis (AOF); the mediator re-adds them anyway, as after
+        # any error, so that the harness does not depend on it
+        await mediators.attach_live(live)
+
+    try:
+        await run(reactor, mediators, [producer], live, poller, restart)
+    finally:
+        for r in restarted:
+            r.stop(remove_dir=False)
+    print("redis restarted (AOF):", ledger.check(max_duplicates=TOTAL // 10))
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="intermittent, the same defect as the frozen-Redis row: a live-session delivery whose"
+    " removeMessages failed is sometimes not delivered again after its lease ends",
+)
+@pytest_twisted.ensureDeferred
+async def test_one_of_two_instances_killed(
+    reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
+) -> None:
+    a = instance(mpr_servers, own_redis, mongo_db, "a")
+    b = instance(mpr_servers, own_redis, mongo_db, "b")
+    await start_all(a, b)
+    ledger = Ledger()
+    mediators = Mediators(reactor, ledger)
+    # the live sessions and a producer on B (killed); polling and another producer on A
+    live_b, producer_b = await connect(b.ws_port), await connect(b.ws_port)
+    poller, producer_a = await connect(a.ws_port), await connect(a.ws_port)
+    await mediators.attach_live(live_b)
+    consumers = [
+        Deferred.fromCoroutine(mediators.consume_live(live_b)),
+        Deferred.fromCoroutine(mediators.poll(poller)),
+    ]
+    await mediators.produce([producer_a, producer_b], TOTAL // 3)
+    await b.kill()
+    # the mediator of the live wallets reconnects to A and opens the sessions again: the leases
+    # B held come back (released with its instance, or at their end) and are delivered there
+    live_a = await connect(a.ws_port)
+    await mediators.attach_live(live_a)
+    consumers.append(Deferred.fromCoroutine(mediators.consume_live(live_a)))
+    await mediators.produce([producer_a], TOTAL)
+    await mediators.drained(poller, DRAIN_S)
+    mediators.running = False
+    for d in consumers:
+        await d
+    print("instance killed:", ledger.check(max_duplicates=TOTAL // 5))
