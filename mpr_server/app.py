@@ -232,7 +232,10 @@ class MprService(MultiService):
     # -- stages ------------------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        if self.config.ws_reuse_port:
+        if self.config.inherited_ws is not None:  # a worker: the supervisor bound it (workers.py)
+            fd, family = self.config.inherited_ws
+            ws = self.reactor.adoptStreamPort(fd, family, self.factory)
+        elif self.config.ws_reuse_port:
             ws = listen_reuse_port(self.reactor, self.config.ws_port, self.factory)
         else:
             ws = await endpoints.serverFromString(self.reactor, self.config.ws_endpoint).listen(self.factory)

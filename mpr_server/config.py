@@ -76,6 +76,21 @@ def _write_concern(value: str) -> str:
     return value
 
 
+MAX_WORKERS = 64
+
+
+def _workers(value: str) -> int:
+    if value.strip().lower() == "auto":
+        return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= MAX_WORKERS:
+        raise ValueError(f"accepted values: auto, or an integer from 1 to {MAX_WORKERS}")
+    return number
+
+
 def _instance_id(value: str) -> str:
     if not value or len(value) > 64 or "/" in value or any(c.isspace() for c in value):
         raise ValueError("accepted values: up to 64 characters, no '/' or spaces")
@@ -117,6 +132,12 @@ SETTINGS: tuple[Setting, ...] = (
         _choice("embedded", "redis"),
         "store: embedded (SQLite) or redis (Redis + MongoDB); default: redis when REDIS_URL,"
         " REDIS_TYPE=cluster or MONGODB_URI is set, else embedded",
+    ),
+    Setting(
+        "MPR_WORKERS",
+        "1",
+        _workers,
+        "worker processes sharing the listeners (redis store; auto: one per CPU); each is an MPR instance",
     ),
     Setting(
         "WS_REUSE_PORT",
@@ -284,6 +305,8 @@ class Config:
     threshold_timestamp: int
     push: PushSettings
     auth: AuthSettings
+    workers: int = 1
+    inherited_ws: tuple[int, int] | None = None  # (fd, address family) of a worker's WebSocket listener
 
 
 def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config:
@@ -372,6 +395,7 @@ def load(values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config
         threshold_timestamp=parsed["THRESHOLD_TIMESTAMP"],
         push=push,
         auth=auth,
+        workers=_check_workers(parsed, store),
     )
 
 
@@ -401,6 +425,20 @@ def _check_addresses(parsed: Mapping[str, Any]) -> None:
             raise ConfigError(f"{env}{shown} is invalid: {e}") from None
 
 
+def _check_workers(parsed: Mapping[str, Any], store: str) -> int:
+    workers: int = parsed["MPR_WORKERS"]
+    if workers > 1 and store == "redis":
+        endpoint = parsed["WS_ENDPOINT"]
+        if endpoint and not endpoint.startswith(("tcp:", "tcp6:")):
+            raise ConfigError(
+                "MPR_WORKERS above 1 shares one TCP listener between processes: WS_ENDPOINT must be a tcp: endpoint"
+                " (terminate TLS in front of MPR)"
+            )
+        if parsed["WS_REUSE_PORT"]:
+            raise ConfigError("MPR_WORKERS and WS_REUSE_PORT are two ways to share the port: use one of them")
+    return workers
+
+
 def _auth_settings(parsed: Mapping[str, Any]) -> AuthSettings:
     tokens = tuple(t.strip() for t in parsed["MPR_AUTH_TOKENS"].split(",") if t.strip())
     if any(len(t) < 16 for t in tokens):
@@ -428,6 +466,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         values = {s.env: self[s.option] for s in SETTINGS}
+        self.given = values  # as given on the command line (worker processes get them too)
         try:
             self.config = load(values, os.environ)
         except ConfigError as e:

@@ -18,7 +18,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("mpr_server.service",),
     ("mpr_server.wire", "mpr_server.http", "mpr_server.config"),
     ("mpr_server.app",),
-    ("mpr_server.tap", "mpr_server.upgrade_cli", "mpr_server.admin"),
+    ("mpr_server.workers", "mpr_server.upgrade_cli", "mpr_server.admin"),
+    ("mpr_server.tap",),
 ]
 
 
