@@ -82,11 +82,6 @@ async def run(reactor: Any, mediators: Mediators, producers: list[Any], live: An
         await d
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by this row, not fixed yet: a live-session delivery whose removeMessages failed is not"
-    " delivered again after its lease ends (the harness waits 30 s with 2 s leases)",
-)
 @pytest_twisted.ensureDeferred
 async def test_redis_frozen_beyond_the_call_deadline(
     reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
@@ -154,11 +149,6 @@ async def test_redis_killed_and_restarted_with_aof(
     print("redis restarted (AOF):", ledger.check(max_duplicates=TOTAL // 10))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent, the same defect as the frozen-Redis row: a live-session delivery whose"
-    " removeMessages failed is sometimes not delivered again after its lease ends",
-)
 @pytest_twisted.ensureDeferred
 async def test_one_of_two_instances_killed(
     reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb

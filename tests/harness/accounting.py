@@ -48,6 +48,7 @@ class Ledger:
     added: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # id -> (connection, payload json)
     failed_adds: int = 0
     failed_calls: int = 0
+    acks_retried: int = 0  # delivered, their ack failed, not delivered again: acknowledged again at the end
     deliveries: defaultdict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     acked_at: dict[str, int] = field(default_factory=dict)
     wrong_payloads: list[str] = field(default_factory=list)
@@ -96,7 +97,8 @@ class Ledger:
         applied = len(set(self.unknown) - set(self.added))
         return (
             f"{len(self.added)} acknowledged adds, {self.failed_adds} failed adds ({applied} applied anyway),"
-            f" {self.failed_calls} failed consume calls, {self.duplicates} duplicates"
+            f" {self.failed_calls} failed consume calls, {self.duplicates} duplicates,"
+            f" {self.acks_retried} acks retried at the end"
         )
 
 
@@ -115,6 +117,7 @@ class Mediators:
         self.v2 = [f"v2-{tag}-{i}" for i in range(count)]
         self.v1 = [f"v1-{tag}-{i}" for i in range(count)]
         self.poll_s = poll_s
+        self.retry_acks_after_s = 6.0  # three leases of the fault rows
         self._seq = itertools.count()
         self.running = True
 
@@ -199,10 +202,28 @@ class Mediators:
             if taken:
                 self.ledger.acknowledged(self.ledger.delivered(taken))
 
+    async def _retry_failed_acks(self, client: RpcClient) -> None:
+        """Acknowledge again what was delivered but whose removeMessages failed. An ack that timed
+        out may still have been applied (Redis runs a command it received before it froze), so
+        the message may be gone and never delivered again; removing is idempotent, so a mediator
+        that retries its ack learns which (docs/guarantees.rst)."""
+        pending: defaultdict[str, list[str]] = defaultdict(list)
+        for message_id in self.ledger.deliveries:
+            if message_id not in self.ledger.acked_at and message_id in self.ledger.added:
+                pending[self.ledger.added[message_id][0]].append(message_id)
+        for connection_id, ids in pending.items():
+            if await self._try(client.call("removeMessages", {"connectionId": connection_id, "messageIds": ids})):
+                self.ledger.acknowledged(ids)
+                self.ledger.acks_retried += len(ids)
+
     async def drained(self, client: RpcClient, timeout: float) -> None:
         """Every acknowledged add acknowledged, and nothing left queued (waits up to ``timeout``)."""
         deadline = self.reactor.seconds() + timeout
+        # first give redelivery its chance: a delivery whose ack was lost comes again after its lease
+        retry_acks_at = self.reactor.seconds() + self.retry_acks_after_s
         while True:
+            if self.reactor.seconds() >= retry_acks_at:
+                await self._retry_failed_acks(client)
             missing = set(self.ledger.added) - set(self.ledger.acked_at)
             if not missing:
                 counts = [
