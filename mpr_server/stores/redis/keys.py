@@ -10,6 +10,7 @@ cluster spreads them too: ``mpr:due:{n}`` (lease ends), ``mpr:old:{n}`` (for the
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 BUCKETS = 16
@@ -24,9 +25,11 @@ def tag(connection_id: str) -> str:
     return connection_id
 
 
-def connection_keys(connection_id: str) -> list[str]:
+@functools.lru_cache(maxsize=65_536)
+def connection_keys(connection_id: str) -> tuple[str, ...]:
+    """The keys of a connection, in the order the scripts take them (cached: every call needs them)."""
     t = tag(connection_id)
-    return [f"mpr:{{{t}}}:{part}" for part in CONNECTION_PARTS]
+    return tuple(f"mpr:{{{t}}}:{part}" for part in CONNECTION_PARTS)
 
 
 def bucket(connection_id: str) -> int:
