@@ -9,8 +9,8 @@ I/O before ``startService``.
 
 from __future__ import annotations
 
-import ipaddress
 import gc
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Coroutine, Mapping
