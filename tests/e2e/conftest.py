@@ -3,13 +3,20 @@ all torn down (processes SIGKILLed, sockets closed) whatever the test did."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pymongo
+import pytest
 import pytest_twisted
+from twisted.internet import threads
+from twisted.internet.defer import Deferred
 
 from tests.e2e.mprprocess import MprProcess
+from tests.services import Mongo
 from tests.wsclient import RpcClient
 
 ServerFactory = Callable[..., MprProcess]
@@ -80,3 +87,34 @@ async def connect(reactor: Any) -> AsyncIterator[Connect]:
         for client in clients:
             if client.protocol is not None and not client.closed.called:
                 client.protocol.dropConnection(abort=True)
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@dataclass
+class MongoDb:
+    """A database of its own on the session's mongod, read directly with pymongo (in a thread)."""
+
+    client: pymongo.MongoClient[dict[str, Any]]
+    name: str
+    uri: str
+
+    @property
+    def messages(self) -> Any:
+        return self.client[self.name]["storequeuedmessages"]
+
+    def find(self, connection_id: str) -> Deferred[list[dict[str, Any]]]:
+        return threads.deferToThread(lambda: list(self.messages.find({"connectionId": connection_id}, {"_id": 0})))
+
+
+@pytest.fixture
+def mongo_db(mongod: Mongo) -> Iterator[MongoDb]:
+    name = f"mpr_e2e_{uid()}"
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongod.uri, serverSelectionTimeoutMS=5000)
+    try:
+        yield MongoDb(client, name, f"{mongod.uri}/{name}")
+    finally:
+        client.drop_database(name)
+        client.close()

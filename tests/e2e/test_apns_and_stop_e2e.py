@@ -20,7 +20,6 @@ import pytest_twisted
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mpr_server.push.apns import APNS_DATA_TYPE
-from tests.e2e import test_distributed
 from tests.e2e.conftest import Connect, ServerFactory
 from tests.e2e.mprprocess import Exit, MprProcess
 from tests.e2e.test_distributed import MongoDb, eventually, start_all, store_args
@@ -38,8 +37,6 @@ ca_file = push_fixtures.ca_file
 apns_files = push_fixtures.apns_files
 listeners = push_fixtures.listeners
 fake_apns = push_fixtures.fake_apns
-# A MongoDB database of its own, for the distributed store.
-mongo_db = test_distributed.mongo_db
 
 ALERT = {"title": "New message", "body": "You have a new message"}
 

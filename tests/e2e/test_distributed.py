@@ -12,32 +12,26 @@ from __future__ import annotations
 import datetime
 import os
 import signal
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pymongo
 import pytest
 import pytest_twisted
 from twisted.internet import task, threads
 from twisted.internet.defer import Deferred, gatherResults
 
 from scripts.services.redis import start_redis
-from tests.e2e.conftest import Connect, ServerFactory
+from tests.e2e.conftest import Connect, MongoDb, ServerFactory, uid
 from tests.e2e.mprprocess import MprProcess
 from tests.e2e.test_server import DID_A, DID_B, add, count, expect_failed_start, jwe, raw_payload_text, take
-from tests.services import Mongo, start_or_skip
+from tests.services import start_or_skip
 from tests.wsclient import RpcCallError, RpcClient
 
 T = TypeVar("T")
 POLL_S = 0.2
 PACE_S = 0.01
-
-
-def uid() -> str:
-    return uuid.uuid4().hex[:10]
 
 
 async def eventually(
@@ -66,33 +60,6 @@ async def start_all(*servers: MprProcess) -> None:
     await gatherResults([Deferred.fromCoroutine(s.start()) for s in servers])
     for server in servers:
         assert server.serving_line is not None and server.serving_line["store"] == b"redis", server.output
-
-
-@dataclass
-class MongoDb:
-    """A database of its own on the session's mongod, read directly with pymongo (in a thread)."""
-
-    client: pymongo.MongoClient[dict[str, Any]]
-    name: str
-    uri: str
-
-    @property
-    def messages(self) -> Any:
-        return self.client[self.name]["storequeuedmessages"]
-
-    def find(self, connection_id: str) -> Deferred[list[dict[str, Any]]]:
-        return threads.deferToThread(lambda: list(self.messages.find({"connectionId": connection_id}, {"_id": 0})))
-
-
-@pytest.fixture
-def mongo_db(mongod: Mongo) -> Iterator[MongoDb]:
-    name = f"mpr_e2e_{uid()}"
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongod.uri, serverSelectionTimeoutMS=5000)
-    try:
-        yield MongoDb(client, name, f"{mongod.uri}/{name}")
-    finally:
-        client.drop_database(name)
-        client.close()
 
 
 @pytest.fixture(params=["single", "cluster"])

@@ -48,8 +48,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pymongo
-import pytest
 import pytest_twisted
 from twisted.internet import task, threads
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, gatherResults
@@ -57,7 +55,6 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ga
 from tests.e2e.conftest import Connect, RecordingClient, ServerFactory
 from tests.e2e.test_distributed import MongoDb, eventually, start_all, store_args
 from tests.e2e.test_server import DID_A, jwe
-from tests.services import Mongo
 from tests.wsclient import RpcClient
 
 SEED = 8_2024
@@ -76,17 +73,6 @@ STOP = {"stop": True}  # put in a notification queue to end a live mediator's lo
 
 def uid() -> str:
     return uuid.uuid4().hex[:10]
-
-
-@pytest.fixture
-def soak_db(mongod: Mongo) -> Iterator[MongoDb]:
-    name = f"mpr_soak_{uid()}"
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongod.uri, serverSelectionTimeoutMS=5000)
-    try:
-        yield MongoDb(client, name, f"{mongod.uri}/{name}")
-    finally:
-        client.drop_database(name)
-        client.close()
 
 
 # -- the ledger: what every client saw, in one order ------------------------------------------------
@@ -315,15 +301,15 @@ async def watch_mongo(db: MongoDb, ledger: Ledger, waits: Waits) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_every_message_is_acknowledged_exactly_once_with_the_persister_running(
-    soak_db: MongoDb, redis_single: Any, mpr_servers: ServerFactory, connect: Connect, reactor: Any
+    mongo_db: MongoDb, redis_single: Any, mpr_servers: ServerFactory, connect: Connect, reactor: Any
 ) -> None:
     started = reactor.seconds()
     run = uid()
     options = ["--threshold-timestamp", str(THRESHOLD_MS), "--message-lease-ms", str(LEASE_MS)]
     options += ["--instance-ttl-ms", "3000"]
     redis = ["--redis-url", redis_single.url]
-    a = mpr_servers(extra_args=store_args(redis, soak_db.uri, f"A-{run}", *options))
-    b = mpr_servers(extra_args=store_args(redis, soak_db.uri, f"B-{run}", *options))
+    a = mpr_servers(extra_args=store_args(redis, mongo_db.uri, f"A-{run}", *options))
+    b = mpr_servers(extra_args=store_args(redis, mongo_db.uri, f"B-{run}", *options))
     await start_all(a, b)
 
     live = [f"live{i}-{run}" for i in range(LIVE)]
@@ -352,7 +338,7 @@ async def test_every_message_is_acknowledged_exactly_once_with_the_persister_run
     pickup = PickupMediator(ledger, pickup_socket, "A", rng, waits)
     drains = [Deferred.fromCoroutine(pickup.drain(c, v1=False)) for c in v2]
     drains += [Deferred.fromCoroutine(pickup.drain(c, v1=True)) for c in v1]
-    watcher = Deferred.fromCoroutine(watch_mongo(soak_db, ledger, waits))
+    watcher = Deferred.fromCoroutine(watch_mongo(mongo_db, ledger, waits))
     for d in [*drains, watcher]:
         d.addErrback(lambda f: ledger.problems.append(f"a consumer or the watcher failed: {f.getErrorMessage()}"))
 
@@ -442,7 +428,9 @@ async def test_every_message_is_acknowledged_exactly_once_with_the_persister_run
         assert await take_nothing(pickup_socket, c)
     # Counts and takes do not see leased messages; the persister moves every message older than
     # 100 ms, leased or not, to MongoDB, so an empty collection means nothing was left at all.
-    await eventually(reactor, lambda: left_in_mongo(soak_db, connections), lambda left: not left, 10, "left in MongoDB")
+    await eventually(
+        reactor, lambda: left_in_mongo(mongo_db, connections), lambda left: not left, 10, "left in MongoDB"
+    )
     await live_b.stop()
     await live_a.stop()
     assert not ledger.problems, ledger.problems[:20]

@@ -16,16 +16,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import pymongo
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from scripts.services.redis import RedisServer, start_redis
-from tests.e2e.conftest import Connect, ServerFactory
-from tests.e2e.test_distributed import MongoDb, start_all, store_args, uid
+from tests.e2e.conftest import Connect, MongoDb, ServerFactory
+from tests.e2e.test_distributed import start_all, store_args
 from tests.harness.accounting import DID, Ledger, Mediators, marked_payload
-from tests.services import Mongo, start_or_skip
+from tests.services import start_or_skip
 from tests.wsclient import RpcCallError
 
 SOAK = max(1, int(os.environ.get("MPR_SOAK", "1") or "1"))
@@ -47,17 +46,6 @@ def own_redis() -> Iterator[RedisServer]:
         except Exception:
             pass
         server.stop()
-
-
-@pytest.fixture
-def mongo_db(mongod: Mongo) -> Iterator[MongoDb]:
-    name = f"mpr_faults_{uid()}"
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongod.uri, serverSelectionTimeoutMS=5000)
-    try:
-        yield MongoDb(client, name, f"{mongod.uri}/{name}")
-    finally:
-        client.drop_database(name)
-        client.close()
 
 
 def instance(mpr_servers: ServerFactory, redis: RedisServer, mongo_db: MongoDb, name: str) -> Any:

@@ -19,7 +19,6 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 
 from mpr_server.push.fcm import FCM_DATA_TYPE
-from tests.e2e import test_distributed
 from tests.e2e.conftest import Connect, ServerFactory
 from tests.e2e.mprprocess import MprProcess
 from tests.e2e.test_distributed import MongoDb, eventually, start_all, store_args
@@ -33,8 +32,6 @@ rsa_key = push_fixtures.rsa_key
 listeners = push_fixtures.listeners
 fake_fcm = push_fixtures.fake_fcm
 firebase_file = push_fixtures.firebase_file
-# A MongoDB database of its own, for the distributed store.
-mongo_db = test_distributed.mongo_db
 
 PUSH_TIMEOUT = 10.0
 

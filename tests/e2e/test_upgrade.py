@@ -31,7 +31,6 @@ from tests.e2e.test_distributed import MongoDb, eventually, start_all, store_arg
 from tests.e2e.test_server import count, http_get, take
 from tests.original import Original
 
-mongo_db = test_distributed.mongo_db
 shared_redis = test_distributed.shared_redis
 
 

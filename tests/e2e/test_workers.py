@@ -11,14 +11,13 @@ import time
 from typing import Any
 
 import orjson
-import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import task
 
-from tests.e2e.conftest import Connect, ServerFactory
+from tests.e2e.conftest import Connect, MongoDb, ServerFactory, uid
 from tests.e2e.mprprocess import Exit, MprProcess
-from tests.e2e.test_distributed import MongoDb, mongo_db, store_args, uid  # noqa: F401  (fixture)
+from tests.e2e.test_distributed import store_args
 from tests.e2e.test_server import add, http_get, jwe
 
 WORKERS = 2
@@ -44,9 +43,9 @@ async def until(reactor: Any, what: str, check: Any) -> Any:
 
 @pytest_twisted.ensureDeferred
 async def test_workers_share_the_port_and_act_as_one_mpr(
-    request: pytest.FixtureRequest, reactor: Any, redis_single: Any, mpr_servers: ServerFactory, connect: Connect
+    reactor: Any, redis_single: Any, mongo_db: MongoDb, mpr_servers: ServerFactory, connect: Connect
 ) -> None:
-    db: MongoDb = request.getfixturevalue("mongo_db")
+    db = mongo_db
     run = uid()
     server = mpr_servers(
         extra_args=store_args(["--redis-url", redis_single.url], db.uri, f"w-{run}", "--mpr-workers", "2")
