@@ -166,7 +166,6 @@ class FcmSender:
         self._lock = DeferredLock()
         self._access_token: str | None = None
         self._access_valid_until = 0.0
-        self.token_requests = 0
 
     async def send(self, token: str, message_id: str) -> None:
         await send_within("FCM", self._send(token, message_id), self._settings.push_timeout_ms / 1000.0, self._clock)
@@ -220,7 +219,6 @@ class FcmSender:
         return jwt.encode(claims, self._account.private_key, algorithm="RS256", headers=headers)
 
     async def _fetch_access_token(self) -> tuple[str, float]:
-        self.token_requests += 1
         form = urlencode({"grant_type": JWT_BEARER_GRANT, "assertion": self._assertion()})
         headers: dict[bytes | str, bytes | str] = {b"Content-Type": b"application/x-www-form-urlencoded"}
         response = await self._http.post(self._token_url, data=form.encode("ascii"), headers=headers)
