@@ -3,6 +3,7 @@ notification frames (§4)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -14,11 +15,16 @@ from mpr_server.model import QueuedMessage
 NOTIFY_CHUNK = 100
 
 
+@functools.lru_cache(maxsize=4096)
+def _second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def iso_millis(ms: int) -> str:
-    """ISO-8601 UTC with milliseconds and ``Z``, as the original server wrote ``receivedAt``."""
+    """ISO-8601 UTC with milliseconds and ``Z``, as the original server wrote ``receivedAt``
+    (the date and time of a second are computed once: messages come in bursts of the same one)."""
     seconds, millis = divmod(ms, 1000)
-    stamp = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{millis:03d}Z"
+    return f"{_second(seconds)}.{millis:03d}Z"
 
 
 def message_json(message: QueuedMessage) -> dict[str, object]:
