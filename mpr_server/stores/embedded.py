@@ -41,6 +41,7 @@ from mpr_server.model import (
 )
 
 T = TypeVar("T")
+COMMIT_DELAY_S = 0  # operations of this long share a commit (0: one reactor turn)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -174,7 +175,7 @@ class EmbeddedStore:
         self._db: sqlite3.Connection | None = None
         self._lock: IO[bytes] | None = None
         self._batch: Batcher[tuple[Callable[[sqlite3.Connection], Any], Deferred[Any]]] = Batcher(
-            reactor, 0, self._commit
+            reactor, COMMIT_DELAY_S, self._commit
         )
         self.registry = Registry()
 
