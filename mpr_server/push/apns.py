@@ -81,7 +81,6 @@ class ProviderToken:
         self._token: str | None = None
         self._issued_at = 0.0
         #: Tokens signed so far.
-        self.issued = 0
 
     def get(self) -> str:
         now = self._clock.seconds()
@@ -93,7 +92,6 @@ class ProviderToken:
                 headers={"kid": self._credentials.key_id},
             )
             self._issued_at = now
-            self.issued += 1
         return self._token
 
     def invalidate(self, used: str) -> None:

@@ -446,8 +446,6 @@ class H2Client:
         self._connecting = False
         self._waiters: list[Deferred[H2ClientProtocol]] = []
         self._closed = False
-        #: Connections established so far.
-        self.connections = 0
 
     async def request(self, method: bytes, path: bytes, headers: Headers, body: bytes) -> H2Response:
         proto = await self._connection()
@@ -496,7 +494,6 @@ class H2Client:
             self._release_waiters(H2ConnectionError("client closed"))
             return
         self._proto = proto
-        self.connections += 1
         self._log.debug("HTTP/2 connection to {host}:{port} ready", host=self._host, port=self._port)
         self._release_waiters(proto)
 

@@ -246,8 +246,7 @@ def test_provider_token_renewed_before_an_hour(ec_key: ec.EllipticCurvePrivateKe
     clock.advance(60)
     second = tokens.get()
 
-    assert second != first
-    assert tokens.issued == 2
+    assert second != first  # renewed after 50 minutes, the same within them
     assert jwt.get_unverified_header(second)["kid"] == KEY_ID
     claims = jwt.decode(second, ec_key.public_key(), algorithms=["ES256"])
     assert claims == {"iss": TEAM_ID, "iat": 1_700_000_000 + 50 * 60}
