@@ -213,3 +213,25 @@ async def test_messages_left_by_an_original_deployment_are_queued_again(tiered: 
     await tiered.remove(c, ids(taken))
     assert await tiered.cold.payloads(ids(taken)) == {}
     assert ids(await tiered.take(TakeQuery(c), A, lease())) == [ours.id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lease_whose_index_entry_was_lost_still_ends_for_a_local_session(tiered: RedisStore) -> None:
+    """The sweep reads lease ends from an index written after the script (an instance killed in
+    between, or an add whose reply was lost, never writes it); the connections whose live session
+    a local socket holds are swept directly once a lease period."""
+    c = cid()
+    await tiered.add_session(c, "s", A, lease())
+    [message] = await add_many(tiered, c, 1)
+    tiered.indexes.cancel()
+    tiered.indexes._batch.take()  # the index entries of that add are lost
+    tiered._next_audit_ms = 0
+    after = lease(T0 + LEASE_MS + 1)
+    deliveries = [d for d in await tiered.release_expired(after) if d.connection_id == c]
+    assert [(d.target, [m.id for m in d.messages]) for d in deliveries] == [(A, [message.id])]
+    # and the new lease is in the index again: the next sweep after it ends redelivers too
+    await tiered.indexes.write()
+    again = lease(T0 + 2 * LEASE_MS + 2)
+    tiered._next_audit_ms = again.now_ms + LEASE_MS  # the direct sweep is not what finds it now
+    redelivered = [d for d in await tiered.release_expired(again) if d.connection_id == c]
+    assert [[m.id for m in d.messages] for d in redelivered] == [[message.id]]

@@ -39,6 +39,15 @@ class LocalHolders:
         else:
             self._held.get(holder, {}).pop(connection_id, None)
 
+    def session_connections(self) -> list[tuple[SocketRef, str]]:
+        """Every (socket, connection) where a local socket holds the live session."""
+        return [
+            (holder, connection_id)
+            for holder, held in self._held.items()
+            for connection_id, until_ms in held.items()
+            if until_ms == SESSION_HELD
+        ]
+
     def holds(self, holder: SocketRef) -> dict[str, int]:
         return dict(self._held.get(holder, {}))
 

@@ -47,6 +47,7 @@ from mpr_server.stores.redis.upgrade import OriginalImport
 SWEEP_BATCH = 200
 EXPIRE_BATCH = 1000
 REMOVE_BATCH = 1000
+AUDIT_BATCH = 1000  # connections with a local live session swept directly, per lease period
 
 
 def _token_json(message: NewMessage) -> bytes:
@@ -92,6 +93,8 @@ class RedisStore:
         self.indexes = IndexWriter(redis, reactor, message_ttl)
         self.claims = Claims(redis, instance_id)
         self.tiering = Tiering(redis, cold, self.indexes, self.claims, threshold_ms)
+        self._next_audit_ms = 0
+        self._audit_cursor = 0
         self.originals = OriginalImport(redis, cold, self.indexes, reactor, instance_id, instance_ttl_ms)
         self.import_original = True  # at start, before serving (see upgrade.py)
 
@@ -292,7 +295,8 @@ class RedisStore:
         return replies.flag(await self._run(lua.HAS_SESSION, connection_id, [live, cutoff]))
 
     async def release_expired(self, lease: Lease) -> list[Delivery]:
-        """Sweep the lease-due buckets this instance can claim for this tick."""
+        """Sweep the lease-due buckets this instance can claim for this tick (and, once a lease
+        period, the connections whose live sessions are held here: see ``_audit_sessions``)."""
         self.holders.prune(lease.now_ms)
         await self.indexes.write()
         deliveries: list[Delivery] = []
@@ -301,6 +305,35 @@ class RedisStore:
                 self._log.warn("lease sweep failed: {e}", e=result.getErrorMessage())
             else:
                 deliveries.extend(result)
+        if lease.now_ms >= self._next_audit_ms:
+            self._next_audit_ms = lease.now_ms + self._lease_ms
+            deliveries.extend(await self._audit_sessions(lease))
+        return deliveries
+
+    async def _audit_sessions(self, lease: Lease) -> list[Delivery]:
+        """The sweep reads lease ends from an index written shortly after the scripts that made
+        the leases; an instance killed in between, or an add whose reply was lost, leaves a lease
+        the sweep never sees. Once a lease period, the connections whose live session a local
+        socket holds are swept directly (bounded per round), so such a lease ends in time too."""
+        held = self.holders.session_connections()
+        if not held:
+            return []
+        start = self._audit_cursor % len(held)
+        batch = (held[start:] + held[:start])[:AUDIT_BATCH]
+        self._audit_cursor = start + len(batch)
+        live, cutoff = self.liveness.live(lease.now_ms)
+        deliveries = []
+        for _, connection_id in batch:
+            reply = replies.release_expired(
+                await self._run(
+                    lua.RELEASE_EXPIRED, connection_id, [lease.now_ms, lease.until_ms, live, cutoff, self._lease_ms]
+                )
+            )
+            if reply.next_lease_end is not None:
+                self.indexes.lease_ends(connection_id, reply.next_lease_end)
+            delivery = await self._delivery(reply.redelivery, connection_id, lease.until_ms)
+            if delivery is not None:
+                deliveries.append(delivery)
         return deliveries
 
     async def _sweep_bucket(self, n: int, lease: Lease) -> list[Delivery]:
