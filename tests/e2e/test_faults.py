@@ -12,6 +12,7 @@ tests/redis/test_replica_acks.py, the embedded store's rollback in tests/test_em
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -167,3 +168,57 @@ async def test_one_of_two_instances_killed(
     for d in consumers:
         await d
     print("instance killed:", ledger.check(max_duplicates=TOTAL // 5))
+
+
+async def closed_with(client: Any, reactor: Any, timeout: float = 5.0) -> int | None:
+    """Wait until ``client``'s socket is closed; its close code."""
+    closed: Deferred[int | None] = client.closed
+    if not closed.called:
+        closed.addTimeout(timeout, reactor)
+    return await closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_rolling_restart_of_both_instances(
+    reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
+) -> None:
+    a = instance(mpr_servers, own_redis, mongo_db, "a")
+    b = instance(mpr_servers, own_redis, mongo_db, "b")
+    await start_all(a, b)
+    ledger = Ledger()
+    mediators = Mediators(reactor, ledger)
+    # the live sessions on A, polling on B, a producer on each; every socket reconnects to the
+    # instance it was on once that is serving again, as a mediator would after a 1001
+    live = await connect(a.ws_port)
+    poller = await connect(b.ws_port)
+    producers: list[Any] = [await connect(a.ws_port), await connect(b.ws_port)]
+    await mediators.attach_live(live)
+    consumers = [
+        Deferred.fromCoroutine(mediators.consume_live(live)),
+        Deferred.fromCoroutine(mediators.poll(poller)),
+    ]
+    await mediators.produce(producers, TOTAL // 3)
+    codes = []
+
+    await a.restart(signal.SIGTERM)
+    codes += [await closed_with(live, reactor), await closed_with(producers[0], reactor)]
+    producers[0] = await connect(a.ws_port)  # produce() picks its clients from this list at each add
+    live = await connect(a.ws_port)
+    await mediators.attach_live(live)
+    consumers.append(Deferred.fromCoroutine(mediators.consume_live(live)))
+    await mediators.produce(producers, 2 * TOTAL // 3)
+
+    await b.restart(signal.SIGTERM)
+    codes += [await closed_with(poller, reactor), await closed_with(producers[1], reactor)]
+    producers[1] = await connect(b.ws_port)
+    poller = await connect(b.ws_port)
+    consumers.append(Deferred.fromCoroutine(mediators.poll(poller)))
+    await mediators.produce(producers, TOTAL)
+
+    await mediators.drained(poller, DRAIN_S)
+    mediators.running = False
+    for d in consumers:
+        await d
+    assert codes == [1001] * 4, codes  # a graceful stop says "going away": mediators reconnect
+    assert a.starts == b.starts == 2
+    print("rolling restart (SIGTERM):", ledger.check(max_duplicates=TOTAL // 5))
