@@ -2,9 +2,13 @@
 ``twistd -n mpr`` processes while one thing fails, each row bounded and on 127.0.0.1.
 
 Rows here: the Redis server frozen (SIGSTOP) for longer than the call deadline; Redis killed
-(-9) and restarted with AOF (``appendfsync always``); one of two instances killed (-9). The
-Redis Cluster master kill with and without REDIS_WAIT_REPLICAS is in
+(-9) and restarted with AOF (``appendfsync always``); one of two instances killed (-9); a SIGTERM
+rolling restart of both of two instances (every socket reconnects after its 1001); MongoDB
+stopped (SIGTERM) while the persister moves payloads and started again on its port and data.
+The Redis Cluster master kill with and without REDIS_WAIT_REPLICAS is in
 tests/redis/test_replica_acks.py, the embedded store's rollback in tests/test_embedded_store.py.
+Not yet here: a mediator socket that vanishes without a close, and a mediator that stops reading
+(see docs/guarantees.rst, "The fault matrix").
 
 ``MPR_SOAK=N`` multiplies the messages of every row (a longer soak on demand).
 """
