@@ -119,7 +119,13 @@ class RpcClient:
         waiter: Deferred[dict[str, Any]] = Deferred()
         self._pending[request_id] = waiter
         waiter.addTimeout(timeout, self.reactor)
-        self.send_raw(orjson.dumps(message))
+        try:
+            self.send_raw(orjson.dumps(message))
+        except BaseException:
+            self._pending.pop(request_id, None)
+            waiter.addErrback(lambda _: None)
+            waiter.cancel()
+            raise
         return await waiter
 
     async def call(self, method: str, params: Any = ABSENT, timeout: float = DEFAULT_TIMEOUT) -> Any:

@@ -60,6 +60,8 @@ class MediatorProtocol(WebSocketServerProtocol):
     _opened: bool = False
     _blocked: IDelayedCall | None = None
     _blocked_bytes: int = 0
+    _in_flight: int = 0
+    _going_away: bool = False
 
     def onMessageEnd(self) -> None:
         # Autobahn's own version also fires a "message" event after every onMessage, gathering its
@@ -114,7 +116,8 @@ class MediatorProtocol(WebSocketServerProtocol):
             if self._blocked.active():
                 self._blocked.cancel()
             self._blocked = None
-            cast(Any, self.transport).resumeProducing()
+            if not self._going_away:
+                cast(Any, self.transport).resumeProducing()
 
     def _too_slow(self) -> None:
         self._log.warn("socket {socket_id} does not read its replies: disconnecting it", socket_id=self.socket_id)
@@ -135,8 +138,17 @@ class MediatorProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         assert self._ctx is not None
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return  # read after our close frame: its reply could not be sent, so it is not run
+        self._in_flight += 1
         d = self.factory.dispatcher.handle(payload, self._ctx)
         d.addCallbacks(self._reply, self._failed)
+        d.addBoth(self._answered)
+
+    def _answered(self, _: Any) -> None:
+        self._in_flight -= 1
+        if self._going_away and self._in_flight == 0:
+            self._send_going_away()
 
     def _reply(self, frame: bytes | None) -> None:
         if frame is not None:
@@ -159,8 +171,19 @@ class MediatorProtocol(WebSocketServerProtocol):
             self.factory.closed(self)
 
     def going_away(self) -> None:
-        """Close with 1001 so that clients reconnect (they do not after 1000)."""
+        """Close with 1001 so that clients reconnect (they do not after 1000), once the calls in
+        flight are answered: their effect may be done (a take with ``deleteMessages`` has deleted
+        what it returns), so their replies must reach the mediator. No new request is read meanwhile."""
+        if self.state == WebSocketServerProtocol.STATE_OPEN and not self._going_away:
+            self._going_away = True
+            cast(Any, self.transport).pauseProducing()
+            if self._in_flight == 0:
+                self._send_going_away()
+
+    def _send_going_away(self) -> None:
         if self.state == WebSocketServerProtocol.STATE_OPEN:
+            if self._blocked is None:
+                cast(Any, self.transport).resumeProducing()  # to read the mediator's close reply
             self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"server going away", isReply=False)
 
 

@@ -81,9 +81,12 @@ class MongoServer:
     def uri(self) -> str:
         return f"mongodb://{self.host}:{self.port}"
 
-    def stop(self) -> None:
+    def stop(self, remove_dir: bool = True) -> None:
+        """SIGTERM (a clean shutdown) and wait; remove_dir=False keeps the data for a restart
+        (``start_mongod(port, dir=...)``)."""
         stop_pid(self.pid, "mongod", self.proc, timeout=30.0)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if remove_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -112,20 +115,22 @@ def start_mongod(
     tls: MongoTLS | None = None,
     repl_set: str | None = None,
     initiate: bool = True,
+    dir: str | None = None,
 ) -> MongoServer:
     """Start a throwaway mongod on 127.0.0.1 with a small cache and journal.
 
     auth=(user, password): run with --auth and create that user (role root, in admin) through
     the localhost exception. tls: require TLS with these files. repl_set: run as a member of that
     replica set and, with initiate, make it a one-member set and wait until it is primary.
+    dir: the work directory of a stopped mongod (MongoServer.dir) to start again on its data.
     """
     if auth and repl_set:
         raise ServiceError("start_mongod: auth with a replica set (needs a keyFile) is not supported")
     mongod = ensure_mongod()
-    workdir = tempfile.mkdtemp(prefix="mpr-mongod-")
+    workdir = dir or tempfile.mkdtemp(prefix="mpr-mongod-")
     port = port or free_port()
     dbpath = Path(workdir) / "db"
-    dbpath.mkdir()
+    dbpath.mkdir(exist_ok=dir is not None)
     log = Path(workdir) / "mongod.log"
     args = [
         mongod,
@@ -175,7 +180,7 @@ def start_mongod(
                 mongo_command(client, {"replSetInitiate": config})
                 wait_until(lambda: _mongo_is(client, "primary"), f"mongod {port} primary", timeout, proc, log)
     except BaseException:
-        handle.stop()
+        handle.stop(remove_dir=dir is None)
         raise
     return handle
 

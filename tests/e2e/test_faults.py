@@ -2,9 +2,13 @@
 ``twistd -n mpr`` processes while one thing fails, each row bounded and on 127.0.0.1.
 
 Rows here: the Redis server frozen (SIGSTOP) for longer than the call deadline; Redis killed
-(-9) and restarted with AOF (``appendfsync always``); one of two instances killed (-9). The
-Redis Cluster master kill with and without REDIS_WAIT_REPLICAS is in
+(-9) and restarted with AOF (``appendfsync always``); one of two instances killed (-9); a SIGTERM
+rolling restart of both of two instances (every socket reconnects after its 1001); MongoDB
+stopped (SIGTERM) while the persister moves payloads and started again on its port and data.
+The Redis Cluster master kill with and without REDIS_WAIT_REPLICAS is in
 tests/redis/test_replica_acks.py, the embedded store's rollback in tests/test_embedded_store.py.
+Not yet here: a mediator socket that vanishes without a close, and a mediator that stops reading
+(see docs/guarantees.rst, "The fault matrix").
 
 ``MPR_SOAK=N`` multiplies the messages of every row (a longer soak on demand).
 """
@@ -12,14 +16,18 @@ tests/redis/test_replica_acks.py, the embedded store's rollback in tests/test_em
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import threads
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
+from scripts.services.mongo import MongoServer, mongo_client, start_mongod
 from scripts.services.redis import RedisServer, start_redis
 from tests.e2e.conftest import Connect, MongoDb, ServerFactory
 from tests.e2e.test_distributed import start_all, store_args
@@ -48,11 +56,31 @@ def own_redis() -> Iterator[RedisServer]:
         server.stop()
 
 
-def instance(mpr_servers: ServerFactory, redis: RedisServer, mongo_db: MongoDb, name: str) -> Any:
+@pytest.fixture
+def own_mongod() -> Iterator[list[MongoServer]]:
+    """A mongod of this test's own (it is stopped and started again): the running one is last."""
+    servers = [start_or_skip("mongod", start_mongod)]
+    try:
+        yield servers
+    finally:
+        for i, server in enumerate(servers):
+            server.stop(remove_dir=i == len(servers) - 1)
+
+
+def instance(mpr_servers: ServerFactory, redis: RedisServer, mongo_db: MongoDb | str, name: str, **env: str) -> Any:
+    mongo_uri = mongo_db if isinstance(mongo_db, str) else mongo_db.uri
     return mpr_servers(
-        extra_args=store_args(["--redis-url", f"redis://{redis.host}:{redis.port}"], mongo_db.uri, name),
-        env={"CALL_TIMEOUT_MS": str(CALL_TIMEOUT_MS), "MESSAGE_LEASE_MS": str(LEASE_MS)},
+        extra_args=store_args(["--redis-url", f"redis://{redis.host}:{redis.port}"], mongo_uri, name),
+        env={"CALL_TIMEOUT_MS": str(CALL_TIMEOUT_MS), "MESSAGE_LEASE_MS": str(LEASE_MS), **env},
     )
+
+
+async def until(reactor: Any, check: Any, what: str, timeout: float, every: float = 0.05) -> None:
+    """Poll ``check()`` (a value or a Deferred of one) until true, failing after ``timeout``."""
+    deadline = reactor.seconds() + timeout
+    while not await check():
+        assert reactor.seconds() < deadline, f"not within {timeout} s: {what}"
+        await deferLater(reactor, every, lambda: None)
 
 
 async def run(reactor: Any, mediators: Mediators, producers: list[Any], live: Any, poller: Any, fault: Any) -> None:
@@ -167,3 +195,124 @@ async def test_one_of_two_instances_killed(
     for d in consumers:
         await d
     print("instance killed:", ledger.check(max_duplicates=TOTAL // 5))
+
+
+async def closed_with(client: Any, reactor: Any, timeout: float = 5.0) -> int | None:
+    """Wait until ``client``'s socket is closed; its close code."""
+    closed: Deferred[int | None] = client.closed
+    if not closed.called:
+        closed.addTimeout(timeout, reactor)
+    return await closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_rolling_restart_of_both_instances(
+    reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
+) -> None:
+    a = instance(mpr_servers, own_redis, mongo_db, "a")
+    b = instance(mpr_servers, own_redis, mongo_db, "b")
+    await start_all(a, b)
+    ledger = Ledger()
+    mediators = Mediators(reactor, ledger)
+    # the live sessions on A, polling on B, a producer on each; every socket reconnects to the
+    # instance it was on once that is serving again, as a mediator would after a 1001
+    live = await connect(a.ws_port)
+    poller = await connect(b.ws_port)
+    producers: list[Any] = [await connect(a.ws_port), await connect(b.ws_port)]
+    await mediators.attach_live(live)
+    consumers = [
+        Deferred.fromCoroutine(mediators.consume_live(live)),
+        Deferred.fromCoroutine(mediators.poll(poller)),
+    ]
+    await mediators.produce(producers, TOTAL // 3)
+    codes = []
+
+    await a.restart(signal.SIGTERM)
+    codes += [await closed_with(live, reactor), await closed_with(producers[0], reactor)]
+    producers[0] = await connect(a.ws_port)  # produce() picks its clients from this list at each add
+    live = await connect(a.ws_port)
+    await mediators.attach_live(live)
+    consumers.append(Deferred.fromCoroutine(mediators.consume_live(live)))
+    await mediators.produce(producers, 2 * TOTAL // 3)
+
+    await b.restart(signal.SIGTERM)
+    codes += [await closed_with(poller, reactor), await closed_with(producers[1], reactor)]
+    producers[1] = await connect(b.ws_port)
+    poller = await connect(b.ws_port)
+    consumers.append(Deferred.fromCoroutine(mediators.poll(poller)))
+    await mediators.produce(producers, TOTAL)
+
+    await mediators.drained(poller, DRAIN_S)
+    mediators.running = False
+    for d in consumers:
+        await d
+    assert codes == [1001] * 4, codes  # a graceful stop says "going away": mediators reconnect
+    assert a.starts == b.starts == 2
+    print("rolling restart (SIGTERM):", ledger.check(max_duplicates=TOTAL // 5))
+
+
+@pytest_twisted.ensureDeferred
+async def test_mongodb_stopped_during_persister_ticks_and_restarted(
+    reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, own_mongod: list[MongoServer]
+) -> None:
+    mongod = own_mongod[0]
+    database = "mpr_faults"
+    # messages older than 100 ms move to MongoDB (a tick every 0.5 s); the pollers come every
+    # second, so that many of theirs are taken back from MongoDB
+    server = instance(mpr_servers, own_redis, f"{mongod.uri}/{database}", "mongo", THRESHOLD_TIMESTAMP="100")
+    await start_all(server)
+    ledger = Ledger()
+    mediators = Mediators(reactor, ledger, poll_s=1.0)
+    live, poller, producer = [await connect(server.ws_port) for _ in range(3)]
+    await mediators.attach_live(live)
+    persisted: list[int] = []
+
+    def cold_counts() -> tuple[int, int]:
+        with mongo_client(mongod.port) as client:
+            collection = client[database]["storequeuedmessages"]
+            v1 = {"connectionId": {"$in": mediators.v1}}
+            return int(collection.count_documents({})), int(collection.count_documents(v1))
+
+    async def some_in_mongodb() -> bool:
+        # Pickup v1 messages among them: their takes delete, the case that must not lose any
+        everything, v1 = await threads.deferToThread(cold_counts)
+        persisted.append(everything)
+        return everything >= 5 and v1 >= 2
+
+    async def stop_and_restart() -> None:
+        await until(reactor, some_in_mongodb, "the persister moved messages to MongoDB", 10.0, every=0.2)
+        failed_before = server.output.count("persister tick failed")
+        await threads.deferToThread(mongod.stop, False)  # SIGTERM, the data kept
+        added_before = len(ledger.added)
+
+        async def ticks_failed_meanwhile() -> bool:
+            # at least two persister ticks failed and the mediators went on adding meanwhile
+            return server.output.count("persister tick failed") >= failed_before + 2 and (
+                len(ledger.added) >= added_before + 20
+            )
+
+        await until(reactor, ticks_failed_meanwhile, "persister ticks failed with MongoDB down", 10.0)
+        own_mongod.append(await threads.deferToThread(start_mongod, mongod.port, dir=mongod.dir))
+
+    async def paced() -> None:
+        # adds go on through the fault, about 40 a second
+        while len(ledger.added) < TOTAL:
+            await mediators.produce([producer], min(TOTAL, len(ledger.added) + 4))
+            await deferLater(reactor, 0.1, lambda: None)
+
+    consumers = [
+        Deferred.fromCoroutine(mediators.consume_live(live)),
+        Deferred.fromCoroutine(mediators.poll(poller)),
+    ]
+    producing = Deferred.fromCoroutine(paced())
+    await stop_and_restart()
+    await producing
+    await mediators.drained(poller, DRAIN_S)
+    mediators.running = False
+    for d in consumers:
+        await d
+    print(
+        "mongodb restarted:",
+        ledger.check(max_duplicates=TOTAL // 5),
+        f"; {persisted[-1]} in MongoDB at the stop, {server.output.count('persister tick failed')} ticks failed",
+    )

@@ -167,8 +167,9 @@ class Mediators:
         await DeferredList([Deferred.fromCoroutine(worker(w)) for w in range(in_flight)], fireOnOneErrback=True)
 
     async def consume_live(self, client: RpcClient) -> None:
-        """Acknowledge every ``messagesReceived`` (removeMessages) until stopped."""
-        while self.running:
+        """Acknowledge every ``messagesReceived`` (removeMessages) until stopped or ``client`` is
+        closed (a mediator then opens a new socket and consumes there)."""
+        while self.running and not client.closed.called:
             try:
                 note = await client.next_notification(timeout=self.poll_s * 4)
             except Exception:
@@ -183,8 +184,9 @@ class Mediators:
 
     async def poll(self, client: RpcClient, live_too: bool = False) -> None:
         """Pickup v2 (take + remove) and v1 (take with deleteMessages) rounds until stopped;
-        with ``live_too`` also the live connections (what a wallet does after a reconnect)."""
-        while self.running:
+        with ``live_too`` also the live connections (what a wallet does after a reconnect); ends
+        when ``client`` is closed."""
+        while self.running and not client.closed.called:
             await self.poll_once(client, live_too)
             await deferLater(self.reactor, self.poll_s, lambda: None)
 

@@ -108,10 +108,12 @@ class RedisStore:
     async def _exec(self, args: Sequence[Any], key: str) -> Any:
         return await execute(self.redis, args, key)
 
-    async def _complete(self, raw: list[RawMessage]) -> list[QueuedMessage]:
-        """Fill in payloads that live in MongoDB."""
-        missing = [message_id for message_id, _, body in raw if body is None]
-        cold = await self.cold.payloads(missing) if missing else {}
+    async def _complete(self, raw: list[RawMessage], known: dict[str, bytes] | None = None) -> list[QueuedMessage]:
+        """Fill in payloads that live in MongoDB (``known``: some of them, read already)."""
+        cold = dict(known or {})
+        missing = [message_id for message_id, _, body in raw if body is None and message_id not in cold]
+        if missing:
+            cold.update(await self.cold.payloads(missing))
         out = []
         for message_id, received_at, body in raw:
             payload = body if body is not None else cold.get(message_id)
@@ -212,28 +214,48 @@ class RedisStore:
     async def take(self, query: TakeQuery, holder: SocketRef | None, lease: Lease) -> list[QueuedMessage]:
         live, cutoff = self.liveness.live(lease.now_ms)
         lease_holder = holder.key() if holder is not None and not query.delete else ""
+
+        def args(delete: bool, lease_to: str) -> list[Any]:
+            return [
+                query.recipient_did or "",
+                query.limit,
+                query.limit_bytes,
+                "1" if delete else "0",
+                lease_to,
+                lease.now_ms,
+                lease.until_ms,
+                live,
+                cutoff,
+                self._lease_ms,
+            ]
+
+        known: dict[str, bytes] = {}
+        if query.delete:
+            # A take that deletes must hold the payloads it returns before it deletes them: those
+            # in MongoDB are read first (a peek: nothing leased, nothing deleted), so that MongoDB
+            # being down fails the take with every message still queued, instead of losing them.
+            peek = replies.take(await self._run(lua.TAKE, query.connection_id, args(False, ""), acked=False))
+            offloaded = [message_id for message_id, _, body in peek.messages if body is None]
+            if offloaded:
+                known = await self.cold.payloads(offloaded)
         reply = replies.take(
             await self._run(
                 lua.TAKE,
                 query.connection_id,
-                [
-                    query.recipient_did or "",
-                    query.limit,
-                    query.limit_bytes,
-                    "1" if query.delete else "0",
-                    lease_holder,
-                    lease.now_ms,
-                    lease.until_ms,
-                    live,
-                    cutoff,
-                    self._lease_ms,
-                ],
+                args(query.delete, lease_holder),
                 acked=bool(lease_holder) or query.delete,
             )
         )
-        messages = await self._complete(reply.messages)
+        messages = await self._complete(reply.messages, known)
         if reply.offloaded:
-            await self.cold.delete(reply.offloaded)
+            try:
+                await self.cold.delete(reply.offloaded)
+            except Exception as e:  # they are deleted in Redis and returned: only the copies are left
+                self._log.warn(
+                    "taken and deleted, but their MongoDB copies were not deleted: {ids}: {error}",
+                    ids=list(reply.offloaded),
+                    error=str(e),
+                )
         if lease_holder and messages:
             self.holders.track(holder, query.connection_id, lease.until_ms)
             self.indexes.lease_ends(query.connection_id, lease.until_ms)
