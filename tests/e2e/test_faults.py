@@ -4,11 +4,12 @@
 Rows here: the Redis server frozen (SIGSTOP) for longer than the call deadline; Redis killed
 (-9) and restarted with AOF (``appendfsync always``); one of two instances killed (-9); a SIGTERM
 rolling restart of both of two instances (every socket reconnects after its 1001); MongoDB
-stopped (SIGTERM) while the persister moves payloads and started again on its port and data.
+stopped (SIGTERM) while the persister moves payloads and started again on its port and data; a
+mediator that stops reading while its live sessions are flooded.
 The Redis Cluster master kill with and without REDIS_WAIT_REPLICAS is in
 tests/redis/test_replica_acks.py, the embedded store's rollback in tests/test_embedded_store.py.
-Not yet here: a mediator socket that vanishes without a close, and a mediator that stops reading
-(see docs/guarantees.rst, "The fault matrix").
+Not yet here: a mediator socket that vanishes without a close (see docs/guarantees.rst, "The
+fault matrix").
 
 ``MPR_SOAK=N`` multiplies the messages of every row (a longer soak on demand).
 """
@@ -29,7 +30,7 @@ from twisted.internet.task import deferLater
 
 from scripts.services.mongo import MongoServer, mongo_client, start_mongod
 from scripts.services.redis import RedisServer, start_redis
-from tests.e2e.conftest import Connect, MongoDb, ServerFactory
+from tests.e2e.conftest import Connect, MongoDb, ServerFactory, uid
 from tests.e2e.test_distributed import start_all, store_args
 from tests.harness.accounting import DID, Ledger, Mediators, marked_payload
 from tests.services import start_or_skip
@@ -315,4 +316,75 @@ async def test_mongodb_stopped_during_persister_ticks_and_restarted(
         "mongodb restarted:",
         ledger.check(max_duplicates=TOTAL // 5),
         f"; {persisted[-1]} in MongoDB at the stop, {server.output.count('persister tick failed')} ticks failed",
+    )
+
+
+def rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+SLOW_READER_MS = 1000
+SLOW_PAYLOAD = 64 * 1024
+SLOW_ADDS = 400  # 25 MiB of notifications for a socket that reads none of them
+# What the server may grow by meanwhile: the 16 MiB it lets pile up for a blocked socket, plus
+# the same again for what is in flight to Redis and the kernel's buffers.
+RSS_BOUND = 48 * 1024 * 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mediator_that_stops_reading(
+    reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
+) -> None:
+    server = instance(mpr_servers, own_redis, mongo_db, "slow", SLOW_READER_TIMEOUT_MS=str(SLOW_READER_MS))
+    await start_all(server)
+    ledger = Ledger()
+    mediators = Mediators(reactor, ledger)
+    live, poller, producer = [await connect(server.ws_port) for _ in range(3)]
+    await mediators.attach_live(live)
+    slow = await connect(server.ws_port)
+    slow_connections = [f"slow-{uid()}-{i}" for i in range(4)]
+    for c in slow_connections:
+        assert await slow.call("addLiveSession", {"connectionId": c, "sessionId": "s"}) is True
+    seen: dict[str, Any] = {}
+
+    async def stop_reading() -> None:
+        assert slow.protocol is not None
+        transport: Any = slow.protocol.transport
+        transport.pauseProducing()  # the mediator reads nothing more
+        before = rss_bytes(server.transport.pid)
+        started = time.monotonic()
+        body = "x" * SLOW_PAYLOAD
+        sent: list[str] = []
+        for n in range(SLOW_ADDS):
+            if slow.closed.called:
+                break
+            reply = await producer.call(
+                "addMessage",
+                {"connectionId": slow_connections[n % 4], "recipientDids": [DID], "payload": {"ciphertext": body}},
+            )
+            sent.append(reply["messageId"])
+        seen["rss_growth"] = rss_bytes(server.transport.pid) - before
+        transport.resumeProducing()
+        await slow.closed.addTimeout(SLOW_READER_MS / 1000 + 10, reactor)
+        seen["closed_after_s"] = time.monotonic() - started
+        seen["sent"] = sent
+
+    await run(reactor, mediators, [producer], live, poller, stop_reading)
+    assert seen["rss_growth"] < RSS_BOUND, seen["rss_growth"]
+    assert "does not read its replies: disconnecting it" in server.output  # the server cut it off
+    # Its leases were released when it went: every message for it is still there, for the next
+    # mediator that takes (Pickup v1 here).
+    left: list[str] = []
+    for c in slow_connections:
+        while taken := await poller.call("takeFromQueue", {"connectionId": c, "limit": 50, "deleteMessages": True}):
+            left.extend(m["id"] for m in taken)
+    assert sorted(left) == sorted(seen["sent"])
+    print(
+        "slow reader:",
+        ledger.check(max_duplicates=TOTAL // 10),
+        f"; disconnected after {seen['closed_after_s']:.1f} s and {len(seen['sent'])} adds,"
+        f" server grew by {seen['rss_growth'] / 2**20:.1f} MiB",
     )
