@@ -8,8 +8,8 @@ stopped (SIGTERM) while the persister moves payloads and started again on its po
 mediator that stops reading while its live sessions are flooded.
 The Redis Cluster master kill with and without REDIS_WAIT_REPLICAS is in
 tests/redis/test_replica_acks.py, the embedded store's rollback in tests/test_embedded_store.py.
-Not yet here: a mediator socket that vanishes without a close (see docs/guarantees.rst, "The
-fault matrix").
+A mediator socket that vanishes without a close: a mediator process (silent_mediator.mjs)
+stopped with SIGSTOP while it holds live sessions.
 
 ``MPR_SOAK=N`` multiplies the messages of every row (a longer soak on demand).
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -388,3 +389,73 @@ async def test_a_mediator_that_stops_reading(
         f"; disconnected after {seen['closed_after_s']:.1f} s and {len(seen['sent'])} adds,"
         f" server grew by {seen['rss_growth'] / 2**20:.1f} MiB",
     )
+
+
+PING_MS = 1000
+SILENT = os.path.join(os.path.dirname(__file__), "silent_mediator.mjs")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mediator_socket_that_vanishes_without_a_close(
+    reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
+) -> None:
+    # Leases far longer than the test: what the vanished socket held can come back only through
+    # its release, when the server's keep-alive gives up on the socket.
+    server = instance(
+        mpr_servers,
+        own_redis,
+        mongo_db,
+        "vanish",
+        WS_PING_INTERVAL_MS=str(PING_MS),
+        WS_PING_TIMEOUT_MS=str(PING_MS),
+        MESSAGE_LEASE_MS="60000",
+    )
+    await start_all(server)
+    ledger = Ledger()
+    mediators = Mediators(reactor, ledger)
+    live, poller, producer = [await connect(server.ws_port) for _ in range(3)]
+    await mediators.attach_live(live)
+    vanishing = [f"vanish-{uid()}-{i}" for i in range(4)]
+    node = subprocess.Popen(
+        ["node", SILENT, f"ws://127.0.0.1:{server.ws_port}", *vanishing],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: dict[str, Any] = {}
+    try:
+        ready = threads.deferToThread(node.stdout.readline)  # type: ignore[union-attr]
+        assert (await ready.addTimeout(10, reactor)).strip() == "ready"
+
+        async def vanish() -> None:
+            sent = []
+            for n in range(8):  # leased to the silent mediator's sessions (notified, never acknowledged)
+                reply = await producer.call(
+                    "addMessage",
+                    {"connectionId": vanishing[n % 4], "recipientDids": [DID], "payload": marked_payload(f"v{n}")},
+                )
+                sent.append(reply["messageId"])
+            assert [await poller.call("getAvailableMessageCount", {"connectionId": c}) for c in vanishing] == [0] * 4
+            started = time.monotonic()
+            os.kill(node.pid, signal.SIGSTOP)  # its host is gone: no close, no FIN, no pong
+
+            async def released() -> bool:
+                for c in vanishing:
+                    if await poller.call("getLiveSession", {"connectionId": c}) is not False:
+                        return False
+                return True
+
+            await until(reactor, released, "the vanished socket's sessions ended", 2 * PING_MS / 1000 + 3)
+            seen["released_after_s"] = round(time.monotonic() - started, 2)
+            # its leases went with it: everything it held is pending again, long before 60 s
+            back: list[str] = []
+            for c in vanishing:
+                taken = await poller.call("takeFromQueue", {"connectionId": c, "deleteMessages": True})
+                back.extend(m["id"] for m in taken)
+            assert sorted(back) == sorted(sent)
+
+        await run(reactor, mediators, [producer], live, poller, vanish)
+    finally:
+        node.kill()
+        node.wait()
+    print("vanished socket:", ledger.check(max_duplicates=TOTAL // 10), f"; released after {seen}")
