@@ -85,6 +85,19 @@ async def until(reactor: Any, check: Any, what: str, timeout: float, every: floa
         await deferLater(reactor, every, lambda: None)
 
 
+async def serving(
+    reactor: Any, connect: Connect, server: Any, poll_s: float = 0.05
+) -> tuple[Ledger, Mediators, Any, Any, Any]:
+    """A row on one instance: started, with its mediators (the live one attached), a poller and a
+    producer connected."""
+    await start_all(server)
+    ledger = Ledger()
+    mediators = Mediators(reactor, ledger, poll_s=poll_s)
+    live, poller, producer = [await connect(server.ws_port) for _ in range(3)]
+    await mediators.attach_live(live)
+    return ledger, mediators, live, poller, producer
+
+
 async def run(reactor: Any, mediators: Mediators, producers: list[Any], live: Any, poller: Any, fault: Any) -> None:
     """Produce TOTAL messages while consuming, with ``fault()`` started after a third of them."""
     consumers = [
@@ -105,11 +118,7 @@ async def test_redis_frozen_beyond_the_call_deadline(
     reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
 ) -> None:
     server = instance(mpr_servers, own_redis, mongo_db, "frozen")
-    await start_all(server)
-    ledger = Ledger()
-    mediators = Mediators(reactor, ledger)
-    live, poller, producer = [await connect(server.ws_port) for _ in range(3)]
-    await mediators.attach_live(live)
+    ledger, mediators, live, poller, producer = await serving(reactor, connect, server)
     seen: dict[str, Any] = {}
 
     async def freeze() -> None:
@@ -143,11 +152,7 @@ async def test_redis_killed_and_restarted_with_aof(
     reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
 ) -> None:
     server = instance(mpr_servers, own_redis, mongo_db, "aof")
-    await start_all(server)
-    ledger = Ledger()
-    mediators = Mediators(reactor, ledger)
-    live, poller, producer = [await connect(server.ws_port) for _ in range(3)]
-    await mediators.attach_live(live)
+    ledger, mediators, live, poller, producer = await serving(reactor, connect, server)
     restarted: list[RedisServer] = []
 
     async def restart() -> None:
@@ -262,11 +267,7 @@ async def test_mongodb_stopped_during_persister_ticks_and_restarted(
     # messages older than 100 ms move to MongoDB (a tick every 0.5 s); the pollers come every
     # second, so that many of theirs are taken back from MongoDB
     server = instance(mpr_servers, own_redis, f"{mongod.uri}/{database}", "mongo", THRESHOLD_TIMESTAMP="100")
-    await start_all(server)
-    ledger = Ledger()
-    mediators = Mediators(reactor, ledger, poll_s=1.0)
-    live, poller, producer = [await connect(server.ws_port) for _ in range(3)]
-    await mediators.attach_live(live)
+    ledger, mediators, live, poller, producer = await serving(reactor, connect, server, poll_s=1.0)
     persisted: list[int] = []
 
     def cold_counts() -> tuple[int, int]:
@@ -340,11 +341,7 @@ async def test_a_mediator_that_stops_reading(
     reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
 ) -> None:
     server = instance(mpr_servers, own_redis, mongo_db, "slow", SLOW_READER_TIMEOUT_MS=str(SLOW_READER_MS))
-    await start_all(server)
-    ledger = Ledger()
-    mediators = Mediators(reactor, ledger)
-    live, poller, producer = [await connect(server.ws_port) for _ in range(3)]
-    await mediators.attach_live(live)
+    ledger, mediators, live, poller, producer = await serving(reactor, connect, server)
     slow = await connect(server.ws_port)
     slow_connections = [f"slow-{uid()}-{i}" for i in range(4)]
     for c in slow_connections:
@@ -410,11 +407,7 @@ async def test_a_mediator_socket_that_vanishes_without_a_close(
         WS_PING_TIMEOUT_MS=str(PING_MS),
         MESSAGE_LEASE_MS="60000",
     )
-    await start_all(server)
-    ledger = Ledger()
-    mediators = Mediators(reactor, ledger)
-    live, poller, producer = [await connect(server.ws_port) for _ in range(3)]
-    await mediators.attach_live(live)
+    ledger, mediators, live, poller, producer = await serving(reactor, connect, server)
     vanishing = [f"vanish-{uid()}-{i}" for i in range(4)]
     node = subprocess.Popen(
         ["node", SILENT, f"ws://127.0.0.1:{server.ws_port}", *vanishing],
