@@ -18,8 +18,11 @@ import jwt
 import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.internet import threads
 
 from mpr_server.push.apns import APNS_DATA_TYPE
+from mpr_server.stores.redis.keys import connection_keys
+from scripts.services.redis import resp_command
 from tests.e2e.conftest import Connect, ServerFactory
 from tests.e2e.mprprocess import Exit, MprProcess
 from tests.e2e.test_distributed import MongoDb, eventually, start_all, store_args
@@ -265,6 +268,14 @@ async def test_sigterm_ends_grace_periods_and_sends_the_pushes_they_held(
     assert await mediator.call("addLiveSession", {"connectionId": c1, "sessionId": "s1"}) is True
 
     await mediator.close()  # the mediator drops off; B keeps its session for the grace period
+    # B marks the session away once it has seen the close; only then is an add held back (before,
+    # it is still leased to the socket that is going)
+    session_key = connection_keys(c1)[5]
+
+    async def away() -> Any:
+        return await threads.deferToThread(resp_command, redis_single.port, "HGET", session_key, "away")
+
+    await eventually(reactor, away, lambda v: v in (b"1", "1"), 5.0, "the session marked away")
     held_id = await add_for_apns(on_a, c1, token, "while-away")
     assert await on_a.call("getLiveSession", {"connectionId": c1}) is True
     assert apns.inbox.to(token) == []  # held back: the mediator may come back

@@ -212,51 +212,48 @@ class RedisStore:
         return AddResult()
 
     async def take(self, query: TakeQuery, holder: SocketRef | None, lease: Lease) -> list[QueuedMessage]:
+        """A take that deletes (Pickup v1) leases first and deletes what it returns once its
+        payloads are read: if Redis or MongoDB fails in between (or the script's reply is lost),
+        the messages stay leased and come back when the lease ends, instead of being deleted
+        unseen. Once they are handed over, only the mediator's side can lose them."""
         live, cutoff = self.liveness.live(lease.now_ms)
-        lease_holder = holder.key() if holder is not None and not query.delete else ""
-
-        def args(delete: bool, lease_to: str) -> list[Any]:
-            return [
-                query.recipient_did or "",
-                query.limit,
-                query.limit_bytes,
-                "1" if delete else "0",
-                lease_to,
-                lease.now_ms,
-                lease.until_ms,
-                live,
-                cutoff,
-                self._lease_ms,
-            ]
-
-        known: dict[str, bytes] = {}
-        if query.delete:
-            # A take that deletes must hold the payloads it returns before it deletes them: those
-            # in MongoDB are read first (a peek: nothing leased, nothing deleted), so that MongoDB
-            # being down fails the take with every message still queued, instead of losing them.
-            peek = replies.take(await self._run(lua.TAKE, query.connection_id, args(False, ""), acked=False))
-            offloaded = [message_id for message_id, _, body in peek.messages if body is None]
-            if offloaded:
-                known = await self.cold.payloads(offloaded)
+        if holder is not None:
+            lease_to = holder.key()
+        elif query.delete:
+            lease_to = f"{self.instance_id}/~take"
+        else:
+            lease_to = ""
         reply = replies.take(
             await self._run(
                 lua.TAKE,
                 query.connection_id,
-                args(query.delete, lease_holder),
-                acked=bool(lease_holder) or query.delete,
+                [
+                    query.recipient_did or "",
+                    query.limit,
+                    query.limit_bytes,
+                    "0",
+                    lease_to,
+                    lease.now_ms,
+                    lease.until_ms,
+                    live,
+                    cutoff,
+                    self._lease_ms,
+                ],
+                acked=bool(lease_to),
             )
         )
-        messages = await self._complete(reply.messages, known)
-        if reply.offloaded:
+        messages = await self._complete(reply.messages)
+        if query.delete and reply.messages:
             try:
-                await self.cold.delete(reply.offloaded)
-            except Exception as e:  # they are deleted in Redis and returned: only the copies are left
+                await self._remove(query.connection_id, [message_id for message_id, _, _ in reply.messages])
+                return messages
+            except StoreUnavailable as e:
+                # handed over all the same: they stay leased, and come again once the lease ends
                 self._log.warn(
-                    "taken and deleted, but their MongoDB copies were not deleted: {ids}: {error}",
-                    ids=list(reply.offloaded),
+                    "taken with deleteMessages, but not deleted ({error}): they come again after their lease",
                     error=str(e),
                 )
-        if lease_holder and messages:
+        if lease_to and messages:
             self.holders.track(holder, query.connection_id, lease.until_ms)
             self.indexes.lease_ends(query.connection_id, lease.until_ms)
         return messages
