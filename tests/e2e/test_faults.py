@@ -98,6 +98,21 @@ async def serving(
     return ledger, mediators, live, poller, producer
 
 
+async def two_instances(mpr_servers: ServerFactory, redis: RedisServer, mongo_db: MongoDb) -> tuple[Any, Any]:
+    a = instance(mpr_servers, redis, mongo_db, "a")
+    b = instance(mpr_servers, redis, mongo_db, "b")
+    await start_all(a, b)
+    return a, b
+
+
+async def finish(mediators: Mediators, poller: Any, consumers: list[Deferred[None]]) -> None:
+    """Wait until everything added is acknowledged and nothing is queued, then stop consuming."""
+    await mediators.drained(poller, DRAIN_S)
+    mediators.running = False
+    for d in consumers:
+        await d
+
+
 async def run(reactor: Any, mediators: Mediators, producers: list[Any], live: Any, poller: Any, fault: Any) -> None:
     """Produce TOTAL messages while consuming, with ``fault()`` started after a third of them."""
     consumers = [
@@ -107,10 +122,7 @@ async def run(reactor: Any, mediators: Mediators, producers: list[Any], live: An
     await mediators.produce(producers, TOTAL // 3)
     await fault()
     await mediators.produce(producers, TOTAL)
-    await mediators.drained(poller, DRAIN_S)
-    mediators.running = False
-    for d in consumers:
-        await d
+    await finish(mediators, poller, consumers)
 
 
 @pytest_twisted.ensureDeferred
@@ -176,9 +188,7 @@ async def test_redis_killed_and_restarted_with_aof(
 async def test_one_of_two_instances_killed(
     reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
 ) -> None:
-    a = instance(mpr_servers, own_redis, mongo_db, "a")
-    b = instance(mpr_servers, own_redis, mongo_db, "b")
-    await start_all(a, b)
+    a, b = await two_instances(mpr_servers, own_redis, mongo_db)
     ledger = Ledger()
     mediators = Mediators(reactor, ledger)
     # the live sessions and a producer on B (killed); polling and another producer on A
@@ -197,10 +207,7 @@ async def test_one_of_two_instances_killed(
     await mediators.attach_live(live_a)
     consumers.append(Deferred.fromCoroutine(mediators.consume_live(live_a)))
     await mediators.produce([producer_a], TOTAL)
-    await mediators.drained(poller, DRAIN_S)
-    mediators.running = False
-    for d in consumers:
-        await d
+    await finish(mediators, poller, consumers)
     print("instance killed:", ledger.check(max_duplicates=TOTAL // 5))
 
 
@@ -216,9 +223,7 @@ async def closed_with(client: Any, reactor: Any, timeout: float = 5.0) -> int | 
 async def test_rolling_restart_of_both_instances(
     reactor: Any, mpr_servers: ServerFactory, connect: Connect, own_redis: RedisServer, mongo_db: MongoDb
 ) -> None:
-    a = instance(mpr_servers, own_redis, mongo_db, "a")
-    b = instance(mpr_servers, own_redis, mongo_db, "b")
-    await start_all(a, b)
+    a, b = await two_instances(mpr_servers, own_redis, mongo_db)
     ledger = Ledger()
     mediators = Mediators(reactor, ledger)
     # the live sessions on A, polling on B, a producer on each; every socket reconnects to the
@@ -249,10 +254,7 @@ async def test_rolling_restart_of_both_instances(
     consumers.append(Deferred.fromCoroutine(mediators.poll(poller)))
     await mediators.produce(producers, TOTAL)
 
-    await mediators.drained(poller, DRAIN_S)
-    mediators.running = False
-    for d in consumers:
-        await d
+    await finish(mediators, poller, consumers)
     assert codes == [1001] * 4, codes  # a graceful stop says "going away": mediators reconnect
     assert a.starts == b.starts == 2
     print("rolling restart (SIGTERM):", ledger.check(max_duplicates=TOTAL // 5))
@@ -310,10 +312,7 @@ async def test_mongodb_stopped_during_persister_ticks_and_restarted(
     producing = Deferred.fromCoroutine(paced())
     await stop_and_restart()
     await producing
-    await mediators.drained(poller, DRAIN_S)
-    mediators.running = False
-    for d in consumers:
-        await d
+    await finish(mediators, poller, consumers)
     print(
         "mongodb restarted:",
         ledger.check(max_duplicates=TOTAL // 5),

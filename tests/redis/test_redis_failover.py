@@ -80,13 +80,17 @@ async def client(reactor: Any, failover_cluster: Any) -> AsyncIterator[ClusterRe
 @pytest_twisted.async_yield_fixture
 async def admin(reactor: Any, failover_cluster: Any) -> AsyncIterator[dict[Address, SingleRedisClient]]:
     """One plain client per live node, one connection each (WAIT counts that connection's writes)."""
-    clients = {
-        a: SingleRedisClient(reactor, f"redis://{a.host}:{a.port}", pool_size=1, timeout=2.0, ping_interval=None)
-        for a in live_nodes(failover_cluster)
-    }
+    clients = node_clients(reactor, failover_cluster)
     yield clients
     for c in clients.values():
         await c.close()
+
+
+def node_clients(reactor: Any, cluster: Any) -> dict[Address, SingleRedisClient]:
+    return {
+        a: SingleRedisClient(reactor, f"redis://{a.host}:{a.port}", pool_size=1, timeout=2.0, ping_interval=None)
+        for a in live_nodes(cluster)
+    }
 
 
 # -- helpers

@@ -26,7 +26,7 @@ from mpr_server.redis import Address, ClusterRedisClient, RedisError, SingleRedi
 from mpr_server.stores.redis.keys import tag as connection_tag
 from mpr_server.stores.redis.store import RedisStore
 from scripts.services.redis import start_redis_cluster
-from tests.redis.test_redis_failover import Pair, healthy_pair, live_nodes, replicated, until_it_works
+from tests.redis.test_redis_failover import Pair, healthy_pair, live_nodes, node_clients, replicated, until_it_works
 from tests.services import Mongo, start_or_skip
 from tests.store_contract import T0, A, add, cid, lease
 from tests.test_distributed_store import make_store
@@ -52,10 +52,7 @@ def acks_cluster() -> Iterator[Any]:
 
 @pytest_twisted.async_yield_fixture
 async def admin(reactor: Any, acks_cluster: Any) -> AsyncIterator[dict[Address, SingleRedisClient]]:
-    clients = {
-        a: SingleRedisClient(reactor, f"redis://{a.host}:{a.port}", pool_size=1, timeout=2.0, ping_interval=None)
-        for a in live_nodes(acks_cluster)
-    }
+    clients = node_clients(reactor, acks_cluster)
     yield clients
     for c in clients.values():
         await c.close()
